@@ -1,0 +1,79 @@
+"""The one exception tree of the adapter.
+
+Every error knows the OperationOutcome issue code it stands for
+(https://hl7.org/fhir/R4/valueset-issue-type.html) and the HTTP status an API route answers with.
+Errors are raised where they happen, translated at the boundary (``raise ... from exc``) and
+rendered once: by the API's exception handler as an OperationOutcome, by the CLI as one line.
+
+    AdapterError
+     +-- InputError                (400, invalid)     bad input that cannot be read at all
+     |    +-- ParseError           (400, structure)   not JSON / not XML / truncated / bad encoding
+     |    +-- UnsafeXmlError       (400, security)    DTD, entity declarations, external references
+     |    +-- InputTooLargeError   (413, too-costly)  over a size or depth limit
+     |    +-- UnknownTypeError     (400, not-supported) resourceType that R4 does not define
+     +-- ValidationFailed          (422, processing)  carries the issues that failed validation
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AdapterError",
+    "InputError",
+    "InputTooLargeError",
+    "ParseError",
+    "UnknownTypeError",
+    "UnsafeXmlError",
+    "ValidationFailed",
+]
+
+
+class AdapterError(Exception):
+    """Base of every error the adapter raises on purpose."""
+
+    issue_code = "exception"
+    status = 500
+
+    def __init__(self, message: str, *, expression: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.expression = expression
+
+    def issue(self) -> dict[str, Any]:
+        """This error as one ``OperationOutcome.issue``."""
+        issue: dict[str, Any] = {"severity": "error", "code": self.issue_code, "diagnostics": self.message}
+        if self.expression:
+            issue["expression"] = [self.expression]
+        return issue
+
+
+class InputError(AdapterError):
+    issue_code = "invalid"
+    status = 400
+
+
+class ParseError(InputError):
+    issue_code = "structure"
+
+
+class UnsafeXmlError(InputError):
+    issue_code = "security"
+
+
+class InputTooLargeError(InputError):
+    issue_code = "too-costly"
+    status = 413
+
+
+class UnknownTypeError(InputError):
+    issue_code = "not-supported"
+
+
+class ValidationFailed(AdapterError):
+    issue_code = "processing"
+    status = 422
+
+    def __init__(self, message: str, issues: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.issues = issues

@@ -1,0 +1,88 @@
+"""FHIR R4 JSON: parsing with decimals kept exactly as written, and serialising with orjson.
+
+See https://hl7.org/fhir/R4/json.html. Decimals are parsed as :class:`decimal.Decimal` so that
+``0.40`` stays ``0.40`` through parse -> store -> serialise (https://hl7.org/fhir/R4/json.html#primitive
+"decimal values ... SHALL be represented as written"); the standard library's C scanner with
+``parse_float`` is as fast here as orjson's parser, which cannot keep the written form.
+Output uses orjson with :class:`orjson.Fragment` to write each Decimal's text unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from adapter.errors import InputTooLargeError, ParseError
+
+__all__ = ["dumps", "loads", "MAX_DEPTH"]
+
+#: Deeper nesting than any FHIR resource needs; the stdlib parser would recurse until RecursionError.
+MAX_DEPTH = 120
+
+
+def _reject_constant(name: str) -> Any:
+    raise ParseError(f"JSON value {name} is not allowed in FHIR (numbers must be finite)")
+
+
+def _depth_ok(data: str) -> bool:
+    # A cheap upper bound on nesting: count brackets outside strings only when the naive count
+    # is already suspicious, so ordinary resources pay one str.count.
+    if data.count("{") + data.count("[") < MAX_DEPTH:
+        return True
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    return False
+        elif char in "}]":
+            depth -= 1
+    return True
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse FHIR JSON; raise :class:`ParseError` with a readable message when it is not JSON."""
+    if isinstance(data, bytes):
+        if data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ParseError(f"not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}") from exc
+    else:
+        text = data.removeprefix("\ufeff")
+    if not _depth_ok(text):
+        raise InputTooLargeError(f"JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        return json.loads(text, parse_float=Decimal, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise ParseError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise InputTooLargeError(f"JSON nested deeper than {MAX_DEPTH} levels") from exc
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(str(value))
+    raise TypeError(f"cannot serialise {type(value).__name__} as FHIR JSON")
+
+
+def dumps(resource: Any, *, indent: bool = False) -> bytes:
+    """Serialise to FHIR JSON (UTF-8 bytes), keeping decimals as written."""
+    option = orjson.OPT_INDENT_2 if indent else 0
+    return orjson.dumps(resource, default=_default, option=option)
