@@ -81,7 +81,7 @@ def package_version(source: Path) -> tuple[str, str]:
     return str(meta["name"]), str(meta["version"])
 
 
-def _type_code(type_: dict[str, Any], path: str) -> str:
+def _type_code(type_: dict[str, Any], base_path: str) -> str:
     code = str(type_["code"])
     if code.startswith("http://hl7.org/fhirpath/System."):
         # Primitive ``value`` and the few system-typed elements (Element.id, Extension.url,
@@ -91,7 +91,7 @@ def _type_code(type_: dict[str, Any], path: str) -> str:
                 code = ext["valueUrl"]
         # Resource.id is of type id (https://hl7.org/fhir/R4/resource.html#id); the snapshot
         # says "string" through the extension, which would let "a b" pass.
-        if path.endswith(".id") and path.count(".") == 1 and code == "string" and path[0].isupper():
+        if base_path == "Resource.id":
             code = "id"
     return code
 
@@ -101,7 +101,7 @@ def compile_element(element: dict[str, Any], type_kind: str) -> dict[str, Any]:
     out: dict[str, Any] = {"path": path, "min": element.get("min", 0), "max": element.get("max", "*")}
     types = []
     for type_ in element.get("type", []):
-        item: dict[str, Any] = {"code": _type_code(type_, path)}
+        item: dict[str, Any] = {"code": _type_code(type_, element.get("base", {}).get("path", path))}
         if type_.get("targetProfile"):
             item["targetProfile"] = list(type_["targetProfile"])
         if type_.get("profile"):
@@ -249,7 +249,7 @@ def generate(source: Path) -> dict[str, bytes]:
     for sd_id, sd in sorted(structure_definitions.items()):
         if sd["kind"] == "logical":
             continue
-        if sd.get("derivation") == "specialization" or sd_id == "Element" or sd_id in DATATYPE_PROFILES:
+        if sd.get("derivation", "specialization") == "specialization" or sd_id in DATATYPE_PROFILES:
             types[sd_id] = compile_type(sd)
 
     required: set[str] = set()

@@ -17,42 +17,12 @@ import orjson
 
 from adapter.errors import InputTooLargeError, ParseError
 
-__all__ = ["dumps", "loads", "MAX_DEPTH"]
+__all__ = ["dumps", "loads"]
 
-#: Deeper nesting than any FHIR resource needs; the stdlib parser would recurse until RecursionError.
-MAX_DEPTH = 120
 
 
 def _reject_constant(name: str) -> Any:
     raise ParseError(f"JSON value {name} is not allowed in FHIR (numbers must be finite)")
-
-
-def _depth_ok(data: str) -> bool:
-    # A cheap upper bound on nesting: count brackets outside strings only when the naive count
-    # is already suspicious, so ordinary resources pay one str.count.
-    if data.count("{") + data.count("[") < MAX_DEPTH:
-        return True
-    depth = deepest = 0
-    in_string = escaped = False
-    for char in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > MAX_DEPTH:
-                    return False
-        elif char in "}]":
-            depth -= 1
-    return True
 
 
 def loads(data: bytes | str) -> Any:
@@ -66,14 +36,13 @@ def loads(data: bytes | str) -> Any:
             raise ParseError(f"not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}") from exc
     else:
         text = data.removeprefix("\ufeff")
-    if not _depth_ok(text):
-        raise InputTooLargeError(f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
         return json.loads(text, parse_float=Decimal, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise ParseError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except RecursionError as exc:
-        raise InputTooLargeError(f"JSON nested deeper than {MAX_DEPTH} levels") from exc
+        # The C scanner counts nesting against the interpreter's recursion limit.
+        raise InputTooLargeError("JSON nested too deeply") from exc
 
 
 def _default(value: Any) -> Any:

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class ElementDef:
     path: str
     min: int
@@ -52,7 +52,7 @@ class ElementDef:
         return self.path.endswith("[x]")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Child:
     """One JSON property of a context: its element and the type it carries."""
 
@@ -67,7 +67,8 @@ class Child:
 
     @property
     def is_resource(self) -> bool:
-        return self.type_code == "Resource"
+        # Bundle.entry.resource is typed Resource; Bundle.entry.response.outcome names a resource type.
+        return self.type_code == "Resource" or is_resource_type(self.type_code)
 
     def context(self) -> Context:
         """The context that describes this child's content."""
@@ -79,7 +80,7 @@ class Child:
         return context_for(self.type_code)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class TypeModel:
     name: str
     raw: dict[str, Any]

@@ -1,0 +1,27 @@
+"""Issue locations as cheap linked tuples, rendered to FHIRPath only when an issue is raised.
+
+A path is the root expression (``"Patient"``) or ``(parent, segment)`` where segment is already
+written as FHIRPath (``".name"``, ``"[0]"``, ``".value.ofType(Quantity)"``). Building a tuple per
+node costs far less than formatting a string per node, and most nodes never raise an issue.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+Path: TypeAlias = "str | tuple[Path, str]"
+
+_INDEX = tuple(f"[{i}]" for i in range(256))
+
+
+def index(i: int) -> str:
+    return _INDEX[i] if i < 256 else f"[{i}]"
+
+
+def render(path: Path) -> str:
+    parts: list[str] = []
+    while isinstance(path, tuple):
+        path, segment = path
+        parts.append(segment)
+    parts.append(path)
+    return "".join(reversed(parts))

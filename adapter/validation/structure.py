@@ -1,0 +1,464 @@
+"""Structural validation of R4 resources against the compiled R4 model.
+
+One recursive walk over the parsed JSON checks, per https://hl7.org/fhir/R4/validation.html:
+unknown elements, JSON shape (arrays exactly where ``max`` > 1, no empty arrays or objects),
+cardinality, primitive types and formats (the regexes of the R4 primitive StructureDefinitions),
+choice types (one ``value[x]`` at most), ``resourceType``, contained resources and Bundle entries
+(each validated as a resource, with issue paths such as ``Bundle.entry[3].resource.subject``),
+reference format and target types, required bindings to ValueSets expanded from the R4 package,
+and the R4 invariants of each element (FHIRPath; see :mod:`adapter.validation.invariants`).
+
+Speed: each context (a type, or a backbone element inside one) is compiled once into a table of
+:class:`_Spec` (one per JSON property name) so the walk does one dict lookup per property; issue
+paths are kept as cheap ``(parent, segment)`` tuples and rendered only when an issue is raised.
+Expressions are FHIRPath with indexes on repeating elements; choice elements are written
+``Observation.value.ofType(Quantity)`` (https://hl7.org/fhir/R4/fhirpath.html#types).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from decimal import Decimal
+from functools import cache
+from typing import Any
+
+from adapter.fhir import model
+from adapter.fhir.fhirpath import Env
+from adapter.fhir.model import Child, Context, ElementDef
+from adapter.validation.base import Issue
+from adapter.validation.invariants import InvariantChecker, elements_for, elements_for_primitive
+from adapter.validation.paths import Path, render
+from adapter.validation.paths import index as at
+
+__all__ = ["StructuralValidator"]
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+PRIMITIVE, COMPLEX, RESOURCE = 0, 1, 2
+
+# https://hl7.org/fhir/R4/references.html#literal
+_RESOURCE_TYPE = r"[A-Z][A-Za-z]+"
+_REFERENCE = re.compile(
+    rf"(?:(?:https?://\S+/)?(?P<type>{_RESOURCE_TYPE})/[A-Za-z0-9\-.]{{1,64}}(?:/_history/[A-Za-z0-9\-.]{{1,64}})?"
+    r"|#[A-Za-z0-9\-.]{0,64}|urn:uuid:[0-9a-fA-F-]{36}|urn:oid:[0-2](?:\.(?:0|[1-9][0-9]*))+"
+    r"|[a-z][a-z0-9+.-]*:\S+)"
+)
+
+
+@cache
+def _regex(type_code: str) -> re.Pattern[str] | None:
+    pattern = model.type_model(type_code).regex
+    # FHIR's regexes follow XML Schema / Java, where \s and \S are ASCII-only: a no-break space
+    # inside a string is text, not whitespace (https://hl7.org/fhir/R4/datatypes.html#string).
+    return re.compile(pattern, re.ASCII) if pattern else None
+
+
+class _Spec:
+    """What the walk needs to know about one JSON property of a context."""
+
+    __slots__ = (
+        "binding",
+        "child",
+        "choice",
+        "ctx",
+        "element",
+        "inv",
+        "json_kind",
+        "key",
+        "kind",
+        "low",
+        "max",
+        "name",
+        "prim_inv",
+        "regex",
+        "repeats",
+        "segment",
+        "targets",
+        "type_code",
+        "value_set",
+    )
+
+    def __init__(self, child: Child) -> None:
+        element = child.element
+        self.child = child
+        self.element = element
+        self.key = child.name
+        self.name = element.name
+        self.choice = element.is_choice
+        self.repeats = element.repeats
+        self.max = element.max
+        self.type_code = child.type_code
+        self.segment = f".{element.name}.ofType({child.type_code})" if element.is_choice else f".{child.name}"
+        self.ctx: Context | None = None
+        if child.is_resource:
+            self.kind = RESOURCE
+        elif child.is_primitive:
+            self.kind = PRIMITIVE
+        else:
+            self.kind = COMPLEX
+        primitive = self.kind == PRIMITIVE
+        self.json_kind = model.type_model(child.type_code).json_kind if primitive else None
+        self.regex = _regex(child.type_code) if primitive else None
+        binding = element.raw.get("binding")
+        self.value_set: str | None = None
+        self.binding: dict[str, frozenset[str]] | None = None
+        if binding and binding["strength"] == "required":
+            self.binding = model.value_set_codes(binding["valueSet"])
+            self.value_set = binding["valueSet"]
+        self.targets = _target_types(element) if child.type_code == "Reference" else None
+        code = child.type_code
+        self.low = 1 if code == "positiveInt" else 0 if code == "unsignedInt" else INT32_MIN
+        self.prim_inv = elements_for_primitive(element) if primitive else ()
+        self.inv: tuple[ElementDef, ...] | None = None
+
+    def context(self) -> Context:
+        if self.ctx is None:
+            self.ctx = self.child.context()
+            self.inv = elements_for(self.ctx, self.element)
+        return self.ctx
+
+
+class _Table:
+    """A compiled context: specs by JSON name, required elements, and context facts."""
+
+    __slots__ = ("ctx", "inv", "is_extension", "required", "specs")
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.specs = {name: _Spec(child) for name, child in ctx.children.items()}
+        required: dict[str, list[str]] = {}
+        for name, child in ctx.children.items():
+            if child.element.min > 0:
+                required.setdefault(child.element.name, []).append(name)
+        self.required = tuple(
+            (element, tuple(names) + tuple("_" + n for n in names), ctx.children[names[0]].element.min)
+            for element, names in required.items()
+        )
+        self.is_extension = ctx.path == "Extension"
+        self.inv = elements_for(ctx, None)
+
+
+@cache
+def _table(ctx: Context) -> _Table:
+    return _Table(ctx)
+
+
+def _target_types(element: ElementDef) -> frozenset[str] | None:
+    """Resource types a Reference element may point to; None when any type is allowed."""
+    targets: set[str] = set()
+    for type_ in element.types:
+        if type_["code"] == "Reference":
+            for url in type_.get("targetProfile", []):
+                name = url.rsplit("/", 1)[-1]
+                if name == "Resource":
+                    return None
+                targets.add(name)
+    return frozenset(targets) or None
+
+
+class _Walk:
+    """One validation run: collects issues while walking a resource."""
+
+    __slots__ = ("env", "invariants", "issues")
+
+    def __init__(self, invariants: InvariantChecker) -> None:
+        self.issues: list[Issue] = []
+        self.invariants = invariants
+        self.env: Env | None = None
+
+    def error(self, code: str, message: str, path: Path) -> None:
+        self.issues.append(Issue("error", code, message, render(path)))
+
+    # -- resources -------------------------------------------------------------------------
+    def resource(self, node: Any, path: Path | None, root: Any) -> None:
+        if not isinstance(node, dict):
+            self.error("structure", "A resource must be a JSON object", path or "Resource")
+            return
+        rtype = node.get("resourceType")
+        if not isinstance(rtype, str) or not rtype:
+            self.error("required", "Missing resourceType: every resource names its type", path or "Resource")
+            return
+        if not model.is_resource_type(rtype):
+            hint = " (abstract type)" if model.has_type(rtype) else ""
+            self.error("structure", f"Unknown resource type '{rtype}'{hint}", path or rtype)
+            return
+        outer = self.env
+        # %rootResource is the container for contained resources, else the resource itself
+        # (https://hl7.org/fhir/R4/fhirpath.html#variables).
+        self.env = Env(resource=node, root_resource=root if root is not None else node, resolve=_resolver(node))
+        try:
+            table = _table(model.context_for(rtype))
+            self.complex(node, table, path or rtype, table.inv, True)
+        finally:
+            self.env = outer
+
+    # -- complex elements ------------------------------------------------------------------
+    def complex(
+        self,
+        node: Any,
+        table: _Table,
+        path: Path,
+        inv: tuple[ElementDef, ...],
+        resource_root: bool = False,
+    ) -> None:
+        if node.__class__ is not dict:
+            self.error("structure", f"Expected a JSON object for {table.ctx.type.name}", path)
+            return
+        if not node:
+            self.error("structure", "Empty objects are not allowed in FHIR JSON", path)
+            return
+        specs = table.specs
+        choices: dict[str, str] | None = None
+        for key, value in node.items():
+            spec = specs.get(key)
+            if spec is None:
+                if key[0] == "_":
+                    self.primitive_extras(key, value, specs, node, path)
+                elif not (resource_root and key == "resourceType"):
+                    self.error("structure", f"Unknown element '{key}' in {table.ctx.path}", (path, "." + key))
+                continue
+            if spec.choice:
+                if choices is None:
+                    choices = {}
+                other = choices.get(spec.name)
+                if other is not None:
+                    self.error(
+                        "structure",
+                        f"Only one of {other} and {key} may be present ({spec.name}[x] is a choice)",
+                        (path, "." + spec.name),
+                    )
+                choices[spec.name] = key
+            if spec.repeats:
+                self.repeating(value, spec, (path, spec.segment))
+                # null stands in an array only to align with the _name part that carries extensions
+                if spec.kind == PRIMITIVE and value.__class__ is list and None in value and "_" + key not in node:
+                    self.error("required", f"null in '{key}' without extensions in '_{key}'", (path, spec.segment))
+            elif value is None:
+                self.error("structure", f"null is not allowed for '{key}': omit the element", (path, spec.segment))
+            elif value.__class__ is list:
+                self.error("structure", f"'{key}' does not repeat: it must not be an array", (path, spec.segment))
+            else:
+                self.item(value, spec, (path, spec.segment))
+        for element_name, names, minimum in table.required:
+            for name in names:
+                if name in node:
+                    break
+            else:
+                self.error(
+                    "required",
+                    f"Missing required element '{element_name}' (minimum cardinality {minimum})",
+                    (path, "." + element_name),
+                )
+        if table.is_extension:
+            has_value = any(key.startswith(("value", "_value")) for key in node)
+            if has_value == ("extension" in node):
+                self.error("invariant", "ext-1: Must have either extensions or value[x], not both", path)
+        elif len(node) == 1 and "id" in node:
+            self.error("invariant", "ele-1: All FHIR elements must have a @value or children", path)
+        if inv and self.env is not None:
+            self.invariants.check(node, inv, path, self.env, self.issues)
+
+    def repeating(self, value: Any, spec: _Spec, path: Path) -> None:
+        if value.__class__ is not list:
+            self.error("structure", f"'{spec.key}' repeats: it must be a JSON array", path)
+            return
+        if not value:
+            self.error("structure", f"Empty array for '{spec.key}': omit the element instead", path)
+            return
+        if spec.max is not None and len(value) > spec.max:
+            self.error("structure", f"Too many '{spec.key}': {len(value)}, at most {spec.max}", path)
+        for index, item in enumerate(value):
+            self.item(item, spec, (path, at(index)))
+
+    def item(self, value: Any, spec: _Spec, path: Path) -> None:
+        kind = spec.kind
+        if kind == PRIMITIVE:
+            if value is not None:  # a null stands for "extension only"; checked with the _ part
+                self.primitive(value, spec, path)
+        elif kind == COMPLEX:
+            table = _table(spec.ctx or spec.context())
+            self.complex(value, table, path, spec.inv or ())
+            if spec.targets is not None and value.__class__ is dict:
+                self.reference(value, spec, path)
+        else:
+            contained = spec.element.path.endswith(".contained")
+            self.resource(value, path, self.env.resource if contained and self.env else None)
+            return
+        if spec.binding is not None:
+            self.coded(value, spec, path)
+
+    # -- primitives ------------------------------------------------------------------------
+    def primitive(self, value: Any, spec: _Spec, path: Path) -> None:
+        kind = spec.json_kind
+        type_code = spec.type_code
+        if kind == "string":
+            if value.__class__ is not str:
+                self.error("structure", f"Expected a JSON string for {type_code}, got {_show(value)}", path)
+                return
+            if type_code == "xhtml":
+                self.xhtml(value, path)
+                return
+            regex = spec.regex
+            if regex is not None and regex.fullmatch(value) is None:
+                self.error("value", f"Invalid {type_code} value {_show(value)}", path)
+            elif type_code == "code" and value != value.strip():
+                self.error("value", f"Code {_show(value)} has leading or trailing whitespace", path)
+            if spec.prim_inv and self.env is not None:
+                self.invariants.check(value, spec.prim_inv, path, self.env, self.issues)
+        elif kind == "boolean":
+            if value.__class__ is not bool:
+                self.error("structure", f"Expected true or false for boolean, got {_show(value)}", path)
+        elif kind == "integer":
+            if value.__class__ is not int:
+                self.error("structure", f"Expected a JSON integer for {type_code}, got {_show(value)}", path)
+                return
+            if not spec.low <= value <= INT32_MAX:
+                self.error("value", f"{type_code} value {value} is out of range", path)
+        elif value.__class__ is not Decimal and value.__class__ is not int:
+            self.error("structure", f"Expected a JSON number for decimal, got {_show(value)}", path)
+
+    def xhtml(self, value: str, path: Path) -> None:
+        from adapter.validation.xhtml import check_xhtml
+
+        problem = check_xhtml(value)
+        if problem:
+            self.error("value", f"Invalid narrative xhtml: {problem}", path)
+
+    def primitive_extras(self, key: str, value: Any, specs: dict[str, _Spec], node: Any, parent: Path) -> None:
+        """The ``_name`` part of a primitive: id and extensions (https://hl7.org/fhir/R4/json.html#primitive)."""
+        name = key[1:]
+        spec = specs.get(name)
+        if spec is None or spec.kind != PRIMITIVE:
+            self.error("structure", f"Unknown element '{key}'", (parent, "." + key))
+            return
+        table = _table(model.context_for(spec.type_code))
+        path: Path = (parent, spec.segment)
+        main = node.get(name)
+        if not spec.repeats:
+            if value.__class__ is list:
+                self.error("structure", f"'{key}' does not repeat: it must not be an array", path)
+            else:
+                self.extras(value, table, path)
+            return
+        if value.__class__ is not list:
+            self.error("structure", f"'{key}' must be an array aligned with '{name}'", path)
+            return
+        if main is not None and (main.__class__ is not list or len(main) != len(value)):
+            self.error("structure", f"'{key}' and '{name}' must be arrays of the same length", path)
+            return
+        for index, extra in enumerate(value):
+            if extra is not None:
+                self.extras(extra, table, (path, at(index)))
+            elif main is None or main[index] is None:
+                self.error("required", "Primitive has neither a value nor extensions (ele-1)", (path, at(index)))
+
+    def extras(self, value: Any, table: _Table, path: Path) -> None:
+        if value.__class__ is not dict:
+            self.error("structure", "Expected a JSON object with id and/or extension", path)
+            return
+        if "value" in value:
+            self.error("structure", "The value of a primitive goes in the property without '_'", (path, ".value"))
+            value = {k: v for k, v in value.items() if k != "value"}
+        self.complex(value, table, path, ())
+
+    # -- references and codes ----------------------------------------------------------------
+    def reference(self, node: dict[str, Any], spec: _Spec, path: Path) -> None:
+        ref = node.get("reference")
+        if ref.__class__ is not str:
+            return
+        match = _REFERENCE.fullmatch(ref)
+        where: Path = (path, ".reference")
+        if match is None:
+            self.error(
+                "value",
+                f"Invalid reference {ref!r}: expected Type/id, an absolute URL, #id or urn:uuid:/urn:oid:",
+                where,
+            )
+            return
+        rtype = match.group("type")
+        if rtype is None:
+            return
+        if not model.is_resource_type(rtype):
+            if not ref.startswith(("http://", "https://")):
+                self.error("value", f"Reference to unknown resource type '{rtype}'", where)
+            return
+        targets = spec.targets
+        if targets is not None and rtype not in targets:
+            allowed = ", ".join(sorted(targets))
+            self.error("value", f"Reference to {rtype} is not allowed here (allowed: {allowed})", where)
+
+    def coded(self, value: Any, spec: _Spec, path: Path) -> None:
+        codes = spec.binding
+        assert codes is not None
+        vs = spec.value_set
+        type_code = spec.type_code
+        if type_code in ("code", "string", "uri"):
+            if value.__class__ is str and not any(value in c for c in codes.values()):
+                self.error("code-invalid", f"Code {value!r} is not in the required ValueSet {vs}", path)
+        elif type_code == "Coding":
+            if value.__class__ is dict and "code" in value and not _in_value_set(value, codes):
+                self.error("code-invalid", f"Coding {_show_coding(value)} is not in the required ValueSet {vs}", path)
+        elif type_code == "CodeableConcept" and value.__class__ is dict:
+            codings = value.get("coding")
+            if codings.__class__ is not list or not codings:
+                return  # text only: nothing coded to check
+            if any(c.__class__ is dict and _in_value_set(c, codes) for c in codings):
+                return
+            first = codings[0] if codings[0].__class__ is dict else {}
+            self.error(
+                "code-invalid",
+                f"None of the codings ({_show_coding(first)}...) is in the required ValueSet {vs}",
+                (path, ".coding"),
+            )
+
+
+def _in_value_set(coding: dict[str, Any], codes: dict[str, frozenset[str]]) -> bool:
+    system = coding.get("system")
+    found = codes.get(system) if system.__class__ is str else None
+    return found is not None and coding.get("code") in found
+
+
+def _show_coding(coding: dict[str, Any]) -> str:
+    return f"{coding.get('system', '(no system)')}#{coding.get('code', '(no code)')}"
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if not isinstance(value, Decimal) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _resolver(resource: dict[str, Any]) -> Any:
+    """``resolve()`` inside a Bundle (fullUrl or Type/id) or to a contained resource (#id)."""
+    is_bundle = resource.get("resourceType") == "Bundle"
+    contained = resource.get("contained")
+    if not is_bundle and not contained:
+        return None
+    index: dict[str, Any] = {}
+    entries = resource.get("entry") if is_bundle else None
+    for entry in entries if isinstance(entries, list) else ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
+            continue
+        found = entry["resource"]
+        if isinstance(entry.get("fullUrl"), str):
+            index[entry["fullUrl"]] = found
+        if isinstance(found.get("id"), str):
+            index[f"{found.get('resourceType')}/{found['id']}"] = found
+    for item in contained if isinstance(contained, list) else ():
+        if isinstance(item, dict) and isinstance(item.get("id"), str):
+            index["#" + item["id"]] = item
+    return index.get
+
+
+class StructuralValidator:
+    """Validates R4 resources structurally (the ``Validator`` seam, no profiles)."""
+
+    def __init__(self) -> None:
+        self._invariants = InvariantChecker()
+
+    def validate(self, resource: Any, profiles: Sequence[str] = ()) -> list[Issue]:
+        walk = _Walk(self._invariants)
+        try:
+            walk.resource(resource, None, None)
+        except RecursionError:
+            return [Issue("error", "too-costly", "The resource is nested too deeply to validate", "Resource")]
+        return list(dict.fromkeys(walk.issues))

@@ -1,0 +1,113 @@
+"""Narrative XHTML checks: the R4 invariants txt-1 and txt-2 on ``Narrative.div``.
+
+https://hl7.org/fhir/R4/narrative.html#xhtml: the div contains only basic HTML formatting
+elements and attributes (HTML 4.0 chapters 7-11 and 15, ``<a>``, images, internal ``style``),
+no active content (scripts, forms, event attributes), and some non-whitespace content.
+fhirpathpy has no ``htmlChecks()``, so these two invariants are evaluated here, natively.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from lxml import etree
+
+XHTML = "http://www.w3.org/1999/xhtml"
+_ALLOWED = frozenset(
+    [
+        "a",
+        "abbr",
+        "acronym",
+        "address",
+        "b",
+        "bdo",
+        "big",
+        "blockquote",
+        "br",
+        "caption",
+        "cite",
+        "code",
+        "col",
+        "colgroup",
+        "dd",
+        "del",
+        "dfn",
+        "div",
+        "dl",
+        "dt",
+        "em",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "hr",
+        "i",
+        "img",
+        "ins",
+        "kbd",
+        "li",
+        "map",
+        "area",
+        "ol",
+        "p",
+        "pre",
+        "q",
+        "s",
+        "samp",
+        "small",
+        "span",
+        "strike",
+        "strong",
+        "sub",
+        "sup",
+        "table",
+        "tbody",
+        "td",
+        "tfoot",
+        "th",
+        "thead",
+        "tr",
+        "tt",
+        "u",
+        "ul",
+        "var",
+        "font",
+        "center",
+        "dir",
+        "menu",
+    ]
+)
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
+
+
+@lru_cache(maxsize=4096)
+def check_xhtml(text: str) -> str | None:
+    """Return a one-line problem, or None when the div satisfies txt-1 and txt-2."""
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:
+        return "DOCTYPE and entity declarations are not allowed"
+    try:
+        root = etree.fromstring(text.encode("utf-8"), _PARSER)
+    except etree.XMLSyntaxError as exc:
+        return f"not well-formed XHTML ({exc.msg})"
+    if root.tag != f"{{{XHTML}}}div":
+        return 'the root element must be an xhtml div (xmlns="http://www.w3.org/1999/xhtml")'
+    # XPath runs in C; walking the tree from Python costs more than the parse for large tables.
+    bad = _BAD_ELEMENT(root)
+    if bad:
+        return f"element <{etree.QName(bad[0]).localname}> is not allowed in narrative (txt-1)"
+    event = _EVENT_ATTRIBUTE(root)
+    if event:
+        return f"event attribute '{event[0].attrname}' is not allowed in narrative (txt-1)"
+    if not _HAS_CONTENT(root):
+        return "the narrative has no content (txt-2)"
+    return None
+
+
+_BAD_ELEMENT = etree.XPath(
+    f"descendant-or-self::*[namespace-uri() != '{XHTML}' or "
+    f"not(contains(' {' '.join(sorted(_ALLOWED))} ', concat(' ', local-name(), ' ')))]"
+)
+_EVENT_ATTRIBUTE = etree.XPath("descendant-or-self::*/@*[starts-with(translate(local-name(), 'ON', 'on'), 'on')]")
+_HAS_CONTENT = etree.XPath("boolean(normalize-space(string(.)) != '' or descendant::*[local-name() = 'img'])")

@@ -1,0 +1,45 @@
+"""The shipped R4 definitions are exactly what the generator makes from the official package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from adapter.fhir import _generate
+
+SOURCE = Path(__file__).resolve().parents[2] / "shared" / "fhir-packages" / "hl7.fhir.r4.core-4.0.1.tgz"
+
+
+@pytest.mark.skipif(not SOURCE.exists(), reason=f"source package not found at {SOURCE}")
+def test_regenerating_gives_no_diff() -> None:
+    generated = _generate.generate(SOURCE)
+    assert set(generated) == {"r4-types.json", "r4-valuesets.json", "r4-searchparams.json"}
+    for name, content in generated.items():
+        shipped = (_generate.OUT_DIR / name).read_bytes()
+        assert shipped == content, f"{name} differs from a fresh generation: run python -m adapter.fhir._generate"
+
+
+def test_generated_files_name_their_source() -> None:
+    for name in ("r4-types.json", "r4-valuesets.json", "r4-searchparams.json"):
+        head = (_generate.OUT_DIR / name).read_bytes()[:2000].decode()
+        assert '"source": "hl7.fhir.r4.core#4.0.1"' in head
+        assert "adapter/fhir/_generate.py" in head
+
+
+def test_model_has_every_r4_resource_and_choice_expansion() -> None:
+    from adapter.fhir import model
+
+    types = model.resource_types()
+    assert {"Patient", "ServiceRequest", "CarePlan", "Bundle", "Parameters", "Binary"} <= types
+    assert not {"Resource", "DomainResource", "HumanName", "string"} & types
+    assert model.type_model("Resource").abstract and model.type_model("DomainResource").abstract
+    children = model.context_for("Observation").children
+    assert {"valueQuantity", "valueCodeableConcept", "valuePeriod"} <= set(children)
+    assert "value" not in children
+    assert model.context_for("Patient").children["id"].type_code == "id"
+    status = model.context_for("Observation").children["status"].element
+    assert status.min == 1 and status.raw["binding"]["strength"] == "required"
+    codes = model.value_set_codes("http://hl7.org/fhir/ValueSet/administrative-gender")
+    assert codes == {"http://hl7.org/fhir/administrative-gender": frozenset({"male", "female", "other", "unknown"})}
+    assert model.search_parameters()["http://hl7.org/fhir/SearchParameter/Patient-identifier"]["type"] == "token"

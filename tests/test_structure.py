@@ -1,0 +1,233 @@
+"""Structural validation: valid resources pass, each kind of defect is caught at the right path."""
+
+from __future__ import annotations
+
+import copy
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from adapter.validation.base import Issue
+from adapter.validation.structure import StructuralValidator
+
+VALIDATOR = StructuralValidator()
+
+PATIENT: dict[str, Any] = {
+    "resourceType": "Patient",
+    "id": "p1",
+    "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9000000009"}],
+    "name": [{"family": "O'Brien", "given": ["Anne", "Marie"]}],
+    "gender": "female",
+    "birthDate": "1970-01-01",
+    "_birthDate": {"extension": [{"url": "http://example.org/x", "valueBoolean": True}]},
+    "contact": [{"name": {"text": "Joe"}}],
+}
+OBSERVATION: dict[str, Any] = {
+    "resourceType": "Observation",
+    "id": "o1",
+    "status": "final",
+    "code": {"coding": [{"system": "http://snomed.info/sct", "code": "718426000"}]},
+    "subject": {"reference": "Patient/p1"},
+    "valueQuantity": {"value": Decimal("52.0"), "unit": "score"},
+}
+
+
+def errors(resource: Any) -> list[Issue]:
+    return [i for i in VALIDATOR.validate(resource) if i.is_error]
+
+
+def with_change(base: dict[str, Any], path: list[Any], value: Any) -> dict[str, Any]:
+    resource = copy.deepcopy(base)
+    node: Any = resource
+    for step in path[:-1]:
+        node = node[step]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return resource
+
+
+def test_valid_resources_have_no_errors() -> None:
+    assert errors(PATIENT) == []
+    assert errors(OBSERVATION) == []
+
+
+# (name, base, change path, new value, expected issue code, expected expression)
+INVALID = [
+    ("unknown element", PATIENT, ["foo"], 1, "structure", "Patient.foo"),
+    ("unknown nested element", PATIENT, ["name", 0, "foo"], "x", "structure", "Patient.name[0].foo"),
+    ("array for a single element", PATIENT, ["gender"], ["female"], "structure", "Patient.gender"),
+    ("object for a repeating element", PATIENT, ["name"], {"family": "X"}, "structure", "Patient.name"),
+    ("empty array", PATIENT, ["identifier"], [], "structure", "Patient.identifier"),
+    ("missing required element", OBSERVATION, ["status"], KeyError, "required", "Observation.status"),
+    ("string for boolean", PATIENT, ["active"], "yes", "structure", "Patient.active"),
+    (
+        "decimal for integer",
+        PATIENT,
+        ["multipleBirthInteger"],
+        Decimal("1.5"),
+        "structure",
+        "Patient.multipleBirth.ofType(integer)",
+    ),
+    ("bad date", PATIENT, ["birthDate"], "1990-13-01", "value", "Patient.birthDate"),
+    ("bad id", PATIENT, ["id"], "a b", "value", "Patient.id"),
+    (
+        "bad dateTime in a datatype",
+        OBSERVATION,
+        ["effectiveDateTime"],
+        "2020-01-01T10:00",
+        "value",
+        "Observation.effective.ofType(dateTime)",
+    ),
+    ("bad code in required binding", PATIENT, ["gender"], "mail", "code-invalid", "Patient.gender"),
+    (
+        "bad code in a datatype binding",
+        PATIENT,
+        ["name", 0, "use"],
+        "nickname-ish",
+        "code-invalid",
+        "Patient.name[0].use",
+    ),
+    ("invariant pat-1", PATIENT, ["contact", 0], {"gender": "male"}, "invariant", "Patient.contact[0]"),
+    (
+        "invariant per-1",
+        PATIENT,
+        ["name", 0, "period"],
+        {"start": "2020-02-01", "end": "2020-01-01"},
+        "invariant",
+        "Patient.name[0].period",
+    ),
+    ("two choices", OBSERVATION, ["valueString"], "x", "structure", "Observation.value"),
+    (
+        "bad reference format",
+        OBSERVATION,
+        ["subject", "reference"],
+        "Patient/",
+        "value",
+        "Observation.subject.reference",
+    ),
+    (
+        "reference to a type not allowed",
+        OBSERVATION,
+        ["subject", "reference"],
+        "Medication/m1",
+        "value",
+        "Observation.subject.reference",
+    ),
+    (
+        "value inside the _ part",
+        PATIENT,
+        ["_birthDate"],
+        {"value": "1970"},
+        "structure",
+        "Patient.birthDate.value",
+    ),
+    (
+        "extension with value and extensions",
+        PATIENT,
+        ["extension"],
+        [{"url": "http://e.org/a", "valueString": "x", "extension": [{"url": "b", "valueString": "y"}]}],
+        "invariant",
+        "Patient.extension[0]",
+    ),
+    (
+        "integer out of range",
+        PATIENT,
+        ["multipleBirthInteger"],
+        2**31,
+        "value",
+        "Patient.multipleBirth.ofType(integer)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "base", "path", "value", "code", "expression"), INVALID, ids=[i[0] for i in INVALID])
+def test_invalid_variant_is_caught_at_the_right_path(
+    name: str, base: dict[str, Any], path: list[Any], value: Any, code: str, expression: str
+) -> None:
+    found = errors(with_change(base, path, value))
+    assert found, f"{name}: no error reported"
+    assert any(i.code == code and i.expression == expression for i in found), [
+        (i.code, i.expression, i.diagnostics) for i in found
+    ]
+
+
+def test_bundle_entries_are_validated_with_entry_paths() -> None:
+    broken = with_change(OBSERVATION, ["status"], KeyError)
+    broken["subject"] = {"reference": "Patient/"}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"fullUrl": "urn:uuid:8d6a6a1e-1f43-4f0c-9a51-5f8f3c0f0001", "resource": PATIENT},
+            {"fullUrl": "urn:uuid:8d6a6a1e-1f43-4f0c-9a51-5f8f3c0f0002", "resource": broken},
+        ],
+    }
+    found = {(i.code, i.expression) for i in errors(bundle)}
+    assert ("required", "Bundle.entry[1].resource.status") in found
+    assert ("value", "Bundle.entry[1].resource.subject.reference") in found
+    assert not any(expr and expr.startswith("Bundle.entry[0]") for _, expr in found)
+
+
+def test_contained_resources_are_validated() -> None:
+    patient = copy.deepcopy(PATIENT)
+    patient["contained"] = [{"resourceType": "Organization", "id": "org", "nonsense": True}]
+    patient["managingOrganization"] = {"reference": "#org"}
+    found = {(i.code, i.expression) for i in errors(patient)}
+    assert ("structure", "Patient.contained[0].nonsense") in found
+
+
+def test_unknown_and_abstract_resource_types() -> None:
+    assert errors({"resourceType": "Patientt"})[0].diagnostics == "Unknown resource type 'Patientt'"
+    assert "abstract" in errors({"resourceType": "DomainResource"})[0].diagnostics
+    assert errors({"id": "x"})[0].code == "required"
+    assert errors([1, 2])[0].code == "structure"
+
+
+def test_primitive_arrays_with_nulls_must_align() -> None:
+    patient = copy.deepcopy(PATIENT)
+    patient["name"][0]["given"] = ["Anne", None]
+    assert errors(patient), "a null with no extension must be an error"
+    patient["name"][0]["_given"] = [None, {"extension": [{"url": "http://e.org/x", "valueCode": "a"}]}]
+    assert errors(patient) == []
+    patient["name"][0]["_given"] = [None]
+    assert any(i.expression == "Patient.name[0].given" for i in errors(patient))
+
+
+def test_narrative_must_be_safe_xhtml() -> None:
+    patient = copy.deepcopy(PATIENT)
+    patient["text"] = {
+        "status": "generated",
+        "div": '<div xmlns="http://www.w3.org/1999/xhtml"><script/>x</div>',
+    }
+    found = errors(patient)
+    assert [i.expression for i in found] == ["Patient.text.div"]
+    assert "script" in found[0].diagnostics
+
+
+def test_issue_has_operation_outcome_shape() -> None:
+    issue = errors(with_change(PATIENT, ["gender"], "mail"))[0]
+    fhir = issue.to_fhir()
+    assert fhir["severity"] == "error"
+    assert fhir["code"] == "code-invalid"
+    assert fhir["expression"] == ["Patient.gender"]
+    assert "mail" in fhir["diagnostics"] and "administrative-gender" in fhir["diagnostics"]
+
+
+def test_identical_issues_are_reported_once() -> None:
+    resource = with_change(PATIENT, ["gender"], "mail")
+    found = VALIDATOR.validate(resource)
+    assert len(found) == len(set(found))
+
+
+def test_deep_nesting_is_an_issue_not_a_crash() -> None:
+    item: dict[str, Any] = {"linkId": "x", "type": "group"}
+    root = {"resourceType": "Questionnaire", "status": "active", "item": [item]}
+    for _ in range(3000):
+        child = {"linkId": "x", "type": "group"}
+        item["item"] = [child]
+        item = child
+    found = errors(root)
+    assert found and found[0].code == "too-costly"
