@@ -1,15 +1,23 @@
 """R4 invariants (``ElementDefinition.constraint``) evaluated during the structural walk.
 
-Each invariant's FHIRPath is compiled once (``adapter.fhir.fhirpath``) and evaluated on every node
-of the element it is defined on. A few are evaluated natively instead, because they apply to every
-element and are cheaper to check in the walk itself: ele-1 (value or children), ext-1 (extension or
-value, not both), and txt-1/txt-2 (narrative xhtml, :mod:`adapter.validation.xhtml`).
+Each invariant's FHIRPath is compiled once (:mod:`adapter.fhir.fhirpath`) and evaluated on every
+node of the element it is defined on. A few are evaluated natively instead, because they apply to
+every element and are cheaper to check in the walk itself: ele-1 (value or children), ext-1
+(extension or value, not both), and txt-1/txt-2 (narrative xhtml, :mod:`adapter.validation.xhtml`).
 Invariants that cannot be evaluated are listed, with the reason, in :data:`NOT_EVALUATED` and in
 ``docs/validation.md``; they are never reported as passed.
+
+Absent-element shortcut: most invariants only look at a few child elements of their node
+(``min.empty() or max.empty() or ...``). When an expression navigates only from the node itself
+(no ``%`` variables, no ``$this``, no function applied to the node as a whole except ``iif``), its
+result on a node where none of the names it mentions is present equals its result on an empty
+node, computed once. The names are collected lexically (a superset: type names and nested names
+count too), which can only make the shortcut apply less often, never wrongly.
 """
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from typing import Any
 
@@ -26,7 +34,27 @@ NATIVE = frozenset({"ele-1", "ext-1", "txt-1", "txt-2"})
 #: key -> reason, for invariants whose FHIRPath cannot be evaluated (filled as they are met).
 NOT_EVALUATED: dict[str, str] = {}
 
-Compiled = tuple[tuple[str, str, str, Any], ...]
+_STRING = re.compile(r"'(?:[^'\\]|\\.)*'")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CALL = re.compile(r"([A-Za-z_]\w*)\s*\(")
+_UNSAFE = ("%", "$", "`")
+# Operators that may stand before a parenthesis, and iif, whose arguments start from the node's children.
+_ROOT_OK = frozenset({"iif", "and", "or", "xor", "implies", "in", "contains", "div", "mod", "is", "as"})
+
+# (key, severity, human, compiled, names or None, result when no named element is present)
+Compiled = tuple[tuple[str, str, str, Any, frozenset[str] | None, Any], ...]
+
+
+def _names(expression: str) -> frozenset[str] | None:
+    """Names the expression may navigate from its node, or None when it looks at the node itself."""
+    text = _STRING.sub("''", expression)
+    if any(mark in text for mark in _UNSAFE):
+        return None
+    for call in _CALL.finditer(text):
+        before = text[: call.start()].rstrip()
+        if call.group(1) not in _ROOT_OK and not before.endswith("."):
+            return None  # a function applied to the node itself (exists(), empty(), ...)
+    return frozenset(_IDENTIFIER.findall(text))
 
 
 @cache
@@ -41,7 +69,14 @@ def _compiled(element: ElementDef) -> Compiled:
         except UnsupportedExpression as exc:
             NOT_EVALUATED[key] = str(exc)
             continue
-        out.append((key, constraint["severity"], constraint["human"], fn))
+        names = _names(constraint["expression"])
+        absent: Any = None
+        if names is not None:
+            try:
+                absent = fn({}, Env())
+            except Exception:
+                names = None
+        out.append((key, constraint["severity"], constraint["human"], fn, names, absent))
     return tuple(out)
 
 
@@ -55,27 +90,31 @@ class InvariantChecker:
         path: Path,
         env: Env,
         issues: list[Issue],
+        present: frozenset[str] | set[str] | None = None,
     ) -> None:
+        """Evaluate the invariants of ``elements`` on ``node``.
+
+        ``present`` holds the element names present in ``node`` (for the absent-element shortcut);
+        None evaluates every invariant.
+        """
         for element in elements:
-            for key, severity, human, fn in _compiled(element):
-                try:
-                    result = fn(node, env)
-                except Exception as exc:  # an evaluation error is reported, never passed silently
-                    issues.append(
-                        Issue(
-                            "warning",
-                            "invariant",
-                            f"Invariant {key} could not be evaluated: {exc}",
-                            render(path),
-                        )
-                    )
-                    continue
+            for key, severity, human, fn, names, absent in _compiled(element):
+                if present is not None and names is not None and names.isdisjoint(present):
+                    result = absent
+                else:
+                    try:
+                        result = fn(node, env)
+                    except Exception as exc:  # an evaluation error is reported, never passed silently
+                        message = f"Invariant {key} could not be evaluated: {exc}"
+                        issues.append(Issue("warning", "invariant", message, render(path)))
+                        continue
                 if result == [False]:
                     issues.append(Issue(_severity(severity), "invariant", f"{key}: {human}", render(path)))
 
 
 @cache
 def elements_for(ctx: Context, via: ElementDef | None) -> tuple[ElementDef, ...]:
+    """Elements whose invariants apply to a node of ``ctx`` reached through element ``via``."""
     own = ctx.element
     found = [e for e in (own, via) if e is not None and _compiled(e)]
     if len(found) == 2 and found[0] is found[1]:

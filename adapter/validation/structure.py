@@ -256,7 +256,11 @@ class _Walk:
         elif len(node) == 1 and "id" in node:
             self.error("invariant", "ele-1: All FHIR elements must have a @value or children", path)
         if inv and self.env is not None:
-            self.invariants.check(node, inv, path, self.env, self.issues)
+            present = set()
+            for key in node:
+                spec = specs.get(key[1:] if key[0] == "_" else key)
+                present.add(spec.name if spec is not None else key)
+            self.invariants.check(node, inv, path, self.env, self.issues, present)
 
     def repeating(self, value: Any, spec: _Spec, path: Path) -> None:
         if value.__class__ is not list:

@@ -1,0 +1,374 @@
+"""The ``spfhir`` command line: ``validate`` FHIR R4 resources and ``convert`` between JSON and XML.
+
+    spfhir validate PATH... [--format text|json|junit] [--quiet] [-o OUTPUT]
+    spfhir convert INPUT --to json|xml [--pretty] [-o OUTPUT]
+    spfhir --version
+
+Exit codes (validate): 0 every input is valid, 1 some input has an error issue, 2 a usage error or
+an input that could not be read (reported on stderr as ``error: FILE: reason``, one line each; the
+other inputs are still validated). ``convert`` exits 0 or 2.
+
+Start-up time matters (the command runs once per file in pre-commit hooks and CI jobs): this module
+imports only typer at import time; the validator, the codecs and rich are imported inside the
+commands, and rich only for the text report and the progress bar.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import typer
+
+if TYPE_CHECKING:
+    from adapter.fhir.sources import Source
+    from adapter.reports import Result
+    from adapter.validation.structure import StructuralValidator
+
+__all__ = ["app", "main"]
+
+#: Show a progress bar (on stderr, when it is a terminal) from this many input files on.
+PROGRESS_MIN_FILES = 4
+
+#: Environment variable that lets internal errors raise (with a traceback) instead of one line.
+DEBUG_ENV = "SPFHIR_DEBUG"
+
+EXIT_OK, EXIT_INVALID, EXIT_ERROR = 0, 1, 2
+
+app = typer.Typer(
+    name="spfhir",
+    help="FHIR R4 tools for social prescribing: validate resources, convert between JSON and XML.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class ReportFormat(StrEnum):
+    text = "text"
+    json = "json"
+    junit = "junit"
+
+
+class Target(StrEnum):
+    json = "json"
+    xml = "xml"
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("sp-fhir-adapter")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"spfhir {_version()}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version and exit."),
+    ] = False,
+) -> None:
+    """FHIR R4 tools for social prescribing: validate resources, convert between JSON and XML."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) if ("\n" in text or "\r" in text) else text
+
+
+def _stderr(line: str) -> None:
+    sys.stderr.write(_one_line(line) + "\n")
+    sys.stderr.flush()
+
+
+def _fail(message: str) -> NoReturn:
+    _stderr(f"error: {message}")
+    raise typer.Exit(EXIT_ERROR)
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _write_output(output: str | None, data: bytes) -> None:
+    """Write to a file (atomically: a temporary file renamed into place) or to stdout for None/``-``."""
+    if output is None or output == "-":
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    # Through symlinks to the real file; devices and pipes (/dev/null, /dev/stdout, a FIFO) are
+    # written in place: renaming over them would replace the device node with a regular file.
+    target = Path(os.path.realpath(output))
+    try:
+        if target.exists() and not target.is_file():
+            with target.open("wb") as handle:
+                handle.write(data)
+            return
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror or exc}")
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, target)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        _fail(f"cannot write {output}: {exc.strerror or exc}")
+
+
+# -- validate --------------------------------------------------------------------------------------
+
+
+def _check(validator: StructuralValidator, source: Source) -> Result:
+    from adapter.errors import AdapterError
+    from adapter.reports import Result
+
+    resource = source.resource
+    assert resource is not None
+    rtype = resource.get("resourceType")
+    entries = resource.get("entry")
+    result = Result(
+        source.label,
+        resource_type=rtype if isinstance(rtype, str) else None,
+        entries=len(entries) if rtype == "Bundle" and isinstance(entries, list) else None,
+    )
+    try:
+        result.issues = validator.validate(resource)
+    except AdapterError as exc:  # e.g. a limit of the validator
+        result.problem, result.problem_code = exc.message, exc.issue_code
+        result.problem_expression = exc.expression
+    except RecursionError:
+        result.problem, result.problem_code = "nested too deeply to validate", "too-costly"
+    except Exception as exc:  # never a traceback for a user; SPFHIR_DEBUG=1 shows it
+        if _debug():
+            raise
+        result.problem = f"internal error while validating: {type(exc).__name__}: {exc}"
+    return result
+
+
+@app.command()
+def validate(
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="PATH",
+            help="Files, folders (searched recursively for *.json, *.xml, *.ndjson) or - for stdin.",
+            show_default=False,
+        ),
+    ],
+    report_format: Annotated[
+        ReportFormat, typer.Option("--format", "-f", help="Report format.", case_sensitive=False)
+    ] = ReportFormat.text,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the errors and the summary line.")
+    ] = False,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Write the report to this file.", show_default=False)
+    ] = None,
+) -> None:
+    """Validate FHIR R4 resources (JSON, XML, NDJSON, Bundles) against the R4 core structure.
+
+    Exit code 0 when every input is valid, 1 when any has an error, 2 when an input cannot be read.
+    """
+    from adapter.fhir import sources
+    from adapter.reports import Result, json_report, junit_report, quiet_lines, summary_line
+    from adapter.validation.structure import StructuralValidator
+
+    entries = sources.discover(paths)
+    validator = StructuralValidator()
+    results: list[Result] = []
+    progress = _progress(len(entries)) if not quiet and len(entries) >= PROGRESS_MIN_FILES else None
+    say = _stderr if progress is None else progress.say
+    try:
+        for entry in entries:
+            if progress is not None:
+                progress.step(entry.label)
+            for source in sources.read_entry(entry):
+                if source.error is not None:
+                    say(f"error: {source.label}: {source.error}")
+                    results.append(
+                        Result(
+                            source.label,
+                            problem=source.error,
+                            problem_code=source.error_code or "exception",
+                            problem_expression=source.error_expression,
+                        )
+                    )
+                    continue
+                result = _check(validator, source)
+                if result.problem is not None:
+                    say(f"error: {result.label}: {result.problem}")
+                results.append(result)
+    finally:
+        if progress is not None:
+            progress.stop()
+
+    if report_format is ReportFormat.json:
+        _write_output(output, json_report(results))
+    elif report_format is ReportFormat.junit:
+        _write_output(output, junit_report(results))
+    elif quiet:
+        lines = [*quiet_lines(results), summary_line(results)]
+        _write_output(output, ("\n".join(lines) + "\n").encode("utf-8"))
+    else:
+        _write_table(output, results)
+
+    if any(r.problem is not None for r in results):
+        raise typer.Exit(EXIT_ERROR)
+    raise typer.Exit(EXIT_OK if all(r.valid for r in results) else EXIT_INVALID)
+
+
+def _write_table(output: str | None, results: list[Result]) -> None:
+    import io
+
+    from rich.console import Console
+
+    from adapter.reports import write_table
+
+    if output is None or output == "-":
+        console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else _plain_width())
+        write_table(console, results)
+        return
+    buffer = io.StringIO()
+    write_table(Console(file=buffer, width=_plain_width(), no_color=True, force_terminal=False), results)
+    _write_output(output, buffer.getvalue().encode("utf-8"))
+
+
+def _plain_width() -> int:
+    """Width of the table when it is not written to a terminal (a file, a pipe, a CI log)."""
+    try:
+        return max(80, int(os.environ.get("COLUMNS", "")))
+    except ValueError:
+        return 160
+
+
+class _Progress:
+    """A rich progress bar on stderr; messages printed through it so they do not garble the bar."""
+
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._console = Console(stderr=True)
+        self._bar = Progress(
+            TextColumn("validating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}", style="dim"),
+            console=self._console,
+            transient=True,
+        )
+        self._task = self._bar.add_task("", total=total)
+        self._started = False
+
+    def step(self, label: str) -> None:
+        if not self._started:
+            self._bar.start()
+            self._started = True
+        else:
+            self._bar.advance(self._task)
+        self._bar.update(self._task, description=label[-40:])
+
+    def say(self, line: str) -> None:
+        self._console.print(_one_line(line), markup=False, highlight=False, soft_wrap=True, style="red")
+
+    def stop(self) -> None:
+        if self._started:
+            self._bar.stop()
+
+
+def _progress(total: int) -> _Progress | None:
+    """A progress bar when stderr is a terminal (never in CI logs or redirected output)."""
+    if not sys.stderr.isatty() or os.environ.get("TERM") == "dumb":
+        return None
+    return _Progress(total)
+
+
+# -- convert ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def convert(
+    input_path: Annotated[
+        str,
+        typer.Argument(metavar="INPUT", help="A JSON or XML resource, or - for stdin.", show_default=False),
+    ],
+    to: Annotated[Target, typer.Option("--to", "-t", help="Output format.", case_sensitive=False)],
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="Output file, or - for stdout.", show_default=True)
+    ] = "-",
+    pretty: Annotated[bool, typer.Option("--pretty", help="Indent the output.")] = False,
+) -> None:
+    """Convert one FHIR R4 resource between JSON and XML (format of INPUT detected from its content)."""
+    from adapter.errors import AdapterError
+    from adapter.fhir import sources
+
+    source = sources.load(input_path)
+    if source.error is not None:
+        _fail(f"{source.label}: {source.error}")
+    resource = source.resource
+    assert resource is not None
+    try:
+        if to is Target.xml:
+            from adapter.fhir import xml_format
+
+            data = xml_format.dumps(resource, pretty=pretty)
+        else:
+            from adapter.fhir import json_format
+
+            data = json_format.dumps(resource, indent=pretty)
+    except AdapterError as exc:
+        _fail(f"{source.label}: cannot convert to {to.value.upper()}: {exc.message}")
+    except Exception as exc:
+        if _debug():
+            raise
+        _fail(f"{source.label}: cannot convert to {to.value.upper()}: {type(exc).__name__}: {exc}")
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    _write_output(output, data)
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    """Console script ``spfhir``: typer, with a last guard that turns any stray error into one line."""
+    from adapter.errors import AdapterError
+
+    try:
+        app(prog_name="spfhir")
+    except AdapterError as exc:
+        _stderr(f"error: {exc.message}")
+        raise SystemExit(EXIT_ERROR) from None
+    except (OSError, UnicodeError) as exc:
+        if isinstance(exc, BrokenPipeError):  # e.g. `spfhir validate ... | head`
+            _quiet_broken_pipe()
+        _stderr(f"error: {exc}")
+        raise SystemExit(EXIT_ERROR) from None
+    except KeyboardInterrupt:
+        _stderr("interrupted")
+        raise SystemExit(130) from None
+
+
+def _quiet_broken_pipe() -> NoReturn:
+    # Point stdout at devnull so the interpreter's final flush does not fail again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    main()
