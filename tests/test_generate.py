@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,17 +15,19 @@ SOURCE = Path(__file__).resolve().parents[2] / "shared" / "fhir-packages" / "hl7
 @pytest.mark.skipif(not SOURCE.exists(), reason=f"source package not found at {SOURCE}")
 def test_regenerating_gives_no_diff() -> None:
     generated = _generate.generate(SOURCE)
-    assert set(generated) == {"r4-types.json", "r4-valuesets.json", "r4-searchparams.json"}
+    assert {"r4-index.json", "r4-valuesets.json", "r4-searchparams.json", "r4-types/Patient.json"} <= set(generated)
+    shipped_types = {f"r4-types/{p.name}" for p in (_generate.OUT_DIR / "r4-types").glob("*.json")}
+    assert shipped_types == {name for name in generated if name.startswith("r4-types/")}
     for name, content in generated.items():
         shipped = (_generate.OUT_DIR / name).read_bytes()
         assert shipped == content, f"{name} differs from a fresh generation: run python -m adapter.fhir._generate"
 
 
 def test_generated_files_name_their_source() -> None:
-    for name in ("r4-types.json", "r4-valuesets.json", "r4-searchparams.json"):
-        head = (_generate.OUT_DIR / name).read_bytes()[:2000].decode()
-        assert '"source": "hl7.fhir.r4.core#4.0.1"' in head
-        assert "adapter/fhir/_generate.py" in head
+    for name in ("r4-index.json", "r4-types/Patient.json", "r4-valuesets.json", "r4-searchparams.json"):
+        header = json.loads((_generate.OUT_DIR / name).read_bytes())["_header"]
+        assert header["source"] == "hl7.fhir.r4.core#4.0.1"
+        assert header["generator"] == "adapter/fhir/_generate.py"
 
 
 def test_model_has_every_r4_resource_and_choice_expansion() -> None:

@@ -3,11 +3,14 @@
 Input: the ``hl7.fhir.r4.core`` 4.0.1 NPM package (a ``.tgz`` or an unpacked folder).
 Output (``adapter/fhir/definitions/``):
 
-- ``r4-types.json``: every resource and datatype (StructureDefinitions with
-  ``derivation = specialization``, plus the Quantity profiles used as types) with its
-  elements in snapshot order: path, min/max, types (target profiles), fixed/pattern values,
-  bindings (strength + ValueSet URL), invariants (key, severity, FHIRPath), XML
-  representation, content references; and for primitives the JSON kind and regex.
+- ``r4-types/<Type>.json``: one file per resource and datatype (StructureDefinitions with
+  ``derivation = specialization``, plus the Quantity profiles used as types), so that a
+  process loads only the types it meets: the elements in snapshot order with path, min/max,
+  types (target profiles), fixed/pattern values, bindings (strength + ValueSet URL),
+  invariants (key, severity, FHIRPath), XML representation, content references; and for
+  primitives the JSON kind and regex.
+- ``r4-index.json``: every type's kind, base, abstract flag and JSON kind, and the table of
+  choice element names (``value`` -> ``Quantity``, ``String``, ...) over all types.
 - ``r4-valuesets.json``: the codes of every ValueSet that a *required* binding in those
   types points to, where the expansion can be computed from the package alone.
 - ``r4-searchparams.json``: the R4 SearchParameters (code, base, type, expression, targets,
@@ -272,8 +275,31 @@ def generate(source: Path) -> dict[str, bytes]:
         "generator": "adapter/fhir/_generate.py",
         "note": "Generated file: do not edit. Structural facts only.",
     }
+    index: dict[str, Any] = {}
+    choices: dict[str, dict[str, str]] = {}
+    for type_name, type_ in types.items():
+        index[type_name] = {k: v for k, v in type_.items() if k in ("kind", "base", "abstract", "json")}
+        for element in type_["elements"]:
+            if element["path"].endswith("[x]"):
+                suffixes = choices.setdefault(element["path"].rsplit(".", 1)[-1][:-3], {})
+                for item in element.get("types", []):
+                    suffixes[item["code"][0].upper() + item["code"][1:]] = item["code"]
+    files = {
+        f"r4-types/{type_name}.json": _dump_lines(
+            {**header, "type": type_name},
+            "elements",
+            type_["elements"],
+            extra={k: v for k, v in type_.items() if k != "elements"},
+        )
+        for type_name, type_ in types.items()
+    }
     return {
-        "r4-types.json": _dump_lines(header, "types", types),
+        **files,
+        "r4-index.json": _dump_lines(
+            {**header, "choices": {k: dict(sorted(v.items())) for k, v in sorted(choices.items())}},
+            "types",
+            index,
+        ),
         "r4-valuesets.json": _dump_lines(
             {**header, "notExpanded": not_expanded}, "valueSets", expansions
         ),
@@ -285,17 +311,23 @@ def generate(source: Path) -> dict[str, bytes]:
     }
 
 
-def _dump_lines(header: dict[str, Any], key: str, items: dict[str, Any]) -> bytes:
-    """JSON with one entry per line, so that a regeneration diff reads per type."""
+def _dump_lines(
+    header: dict[str, Any], key: str, items: dict[str, Any] | list[Any], extra: dict[str, Any] | None = None
+) -> bytes:
+    """JSON with one entry per line, so that a regeneration diff reads per type or element."""
     dump = json.dumps
-    lines = [
-        "{",
-        f'"_header": {dump(header, sort_keys=True, ensure_ascii=False)},',
-        f'"{key}": {{',
-    ]
-    entries = [f"{dump(k)}: {dump(v, ensure_ascii=False, separators=(',', ':'))}" for k, v in items.items()]
-    lines.append(",\n".join(entries))
-    lines.append("}}")
+    lines = ["{", f'"_header": {dump(header, sort_keys=True, ensure_ascii=False)},']
+    for name, value in (extra or {}).items():
+        lines.append(f"{dump(name)}: {dump(value, ensure_ascii=False, separators=(',', ':'))},")
+    compact = {"ensure_ascii": False, "separators": (",", ":")}
+    if isinstance(items, list):
+        lines.append(f'"{key}": [')
+        lines.append(",\n".join(dump(v, **compact) for v in items))  # type: ignore[arg-type]
+        lines.append("]}")
+    else:
+        lines.append(f'"{key}": {{')
+        lines.append(",\n".join(f"{dump(k)}: {dump(v, **compact)}" for k, v in items.items()))  # type: ignore[arg-type]
+        lines.append("}}")
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
@@ -307,10 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.source.exists():
         print(f"error: {args.source} does not exist", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    for filename, content in generate(args.source).items():
+    generated = generate(args.source)
+    (args.out / "r4-types").mkdir(parents=True, exist_ok=True)
+    for stale in (args.out / "r4-types").glob("*.json"):
+        if f"r4-types/{stale.name}" not in generated:
+            stale.unlink()
+    for filename, content in generated.items():
         (args.out / filename).write_bytes(content)
-        print(f"wrote {args.out / filename} ({len(content):,} bytes)")
+    print(f"wrote {len(generated)} files to {args.out} ({sum(len(c) for c in generated.values()):,} bytes)")
     return 0
 
 
