@@ -171,9 +171,7 @@ def validate(
     report_format: Annotated[
         ReportFormat, typer.Option("--format", "-f", help="Report format.", case_sensitive=False)
     ] = ReportFormat.text,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Print only the errors and the summary line.")
-    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the errors and the summary line.")] = False,
     output: Annotated[
         str | None, typer.Option("--output", "-o", help="Write the report to this file.", show_default=False)
     ] = None,

@@ -140,10 +140,7 @@ def quiet_lines(results: Sequence[Result]) -> list[str]:
     Unreadable inputs are left out: the command reports them on stderr.
     """
     return [
-        f"{r.label}: {issue.severity}: {issue_line(issue)}"
-        for r in results
-        if r.problem is None
-        for issue in r.errors
+        f"{r.label}: {issue.severity}: {issue_line(issue)}" for r in results if r.problem is None for issue in r.errors
     ]
 
 
@@ -205,9 +202,7 @@ def junit_report(results: Sequence[Result], suite: str = "spfhir validate") -> b
 def _xml_safe(text: str) -> str:
     """Drop characters XML 1.0 cannot carry (control characters from a hostile input's diagnostics)."""
     return "".join(
-        c
-        for c in text
-        if c in "\t\n\r" or ("\x20" <= c <= "\ud7ff") or ("\ue000" <= c <= "\ufffd") or c > "\uffff"
+        c for c in text if c in "\t\n\r" or ("\x20" <= c <= "\ud7ff") or ("\ue000" <= c <= "\ufffd") or c > "\uffff"
     )
 
 

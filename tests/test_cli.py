@@ -210,9 +210,7 @@ def test_truncated_json_is_one_line_exit_2(tmp_path: Path) -> None:
 def test_not_json_message_matches_the_documented_form(tmp_path: Path) -> None:
     path = write(tmp_path / "bad.json", "not json")
     result = run("validate", path, "--quiet")
-    assert error_lines(result.stderr) == [
-        f"error: {path}: not valid JSON: Expecting value at line 1 column 1"
-    ]
+    assert error_lines(result.stderr) == [f"error: {path}: not valid JSON: Expecting value at line 1 column 1"]
 
 
 def test_non_utf8_file_is_one_line_exit_2(tmp_path: Path) -> None:
@@ -348,10 +346,7 @@ def test_text_report_lists_unreadable_inputs(tmp_path: Path) -> None:
     result = run("validate", bad)
     assert result.exit_code == 2
     assert "unreadable" in result.stdout
-    assert (
-        result.stdout.rstrip().splitlines()[-1]
-        == "1 input: 0 valid, 0 invalid, 1 unreadable (0 errors, 0 warnings)"
-    )
+    assert result.stdout.rstrip().splitlines()[-1] == "1 input: 0 valid, 0 invalid, 1 unreadable (0 errors, 0 warnings)"
 
 
 def test_quiet_prints_only_errors_and_summary(tmp_path: Path) -> None:
@@ -477,9 +472,7 @@ def test_convert_unknown_resource_type_to_xml(tmp_path: Path) -> None:
 
 
 def test_convert_unwritable_output(tmp_path: Path) -> None:
-    result = run(
-        "convert", EXAMPLES / "patient.json", "--to", "json", "-o", tmp_path / "no" / "such" / "dir.json"
-    )
+    result = run("convert", EXAMPLES / "patient.json", "--to", "json", "-o", tmp_path / "no" / "such" / "dir.json")
     assert result.exit_code == 2
     [line] = error_lines(result.stderr)
     assert line.startswith(f"error: cannot write {tmp_path / 'no' / 'such' / 'dir.json'}")
@@ -541,9 +534,7 @@ def test_internal_validator_error_is_one_line_and_others_continue(
     write(tmp_path / "b.json", BAD_GENDER)
     result = run("validate", tmp_path, "--format", "json")
     assert result.exit_code == 2
-    assert error_lines(result.stderr) == [
-        f"error: {boom}: internal error while validating: KeyError: 'unexpected'"
-    ]
+    assert error_lines(result.stderr) == [f"error: {boom}: internal error while validating: KeyError: 'unexpected'"]
     assert [i["valid"] for i in json_results(result)] == [False, False]
 
 
@@ -555,14 +546,10 @@ def test_stdin_and_files_together(tmp_path: Path) -> None:
 
 
 def test_convert_refuses_ndjson_with_a_clear_message(tmp_path: Path) -> None:
-    path = write(
-        tmp_path / "bulk.ndjson", json.dumps(VALID_PATIENT) + "\n" + json.dumps(VALID_PATIENT) + "\n"
-    )
+    path = write(tmp_path / "bulk.ndjson", json.dumps(VALID_PATIENT) + "\n" + json.dumps(VALID_PATIENT) + "\n")
     result = run("convert", path, "--to", "xml")
     assert result.exit_code == 2
-    assert error_lines(result.stderr) == [
-        f"error: {path}: NDJSON with several resources: expected exactly one"
-    ]
+    assert error_lines(result.stderr) == [f"error: {path}: NDJSON with several resources: expected exactly one"]
 
 
 def test_output_to_a_device_or_symlink_is_written_in_place(tmp_path: Path) -> None:

@@ -16,7 +16,11 @@ from adapter.validation.structure import StructuralValidator
 from bench.corpus import example_files, official_examples
 
 DATA = Path(__file__).parent / "data"
-KNOWN_INVALID = {k: v for k, v in json.loads((DATA / "r4-examples-known-invalid.json").read_text()).items() if k[0] != "_"}
+KNOWN_INVALID = {
+    name: rule
+    for name, rule in json.loads((DATA / "r4-examples-known-invalid.json").read_text()).items()
+    if not name.startswith("_")
+}
 SAMPLE = sorted((DATA / "r4-examples").glob("*.json"))
 VALIDATOR = StructuralValidator()
 

@@ -155,9 +155,7 @@ def test_not_json_at_all(tmp_path: Path) -> None:
 
 
 def test_non_utf8_file_gives_encoding_error(tmp_path: Path) -> None:
-    path = write(
-        tmp_path / "latin1.json", '{"resourceType": "Patient", "name": [{"family": "Zoë"}]}'.encode("latin-1")
-    )
+    path = write(tmp_path / "latin1.json", '{"resourceType": "Patient", "name": [{"family": "Zoë"}]}'.encode("latin-1"))
     [source] = read_all(path)
     assert source.resource is None
     assert source.error is not None and source.error.startswith("not UTF-8: byte 0xeb")
@@ -257,9 +255,7 @@ def test_ndjson_lines_are_separate_inputs_labelled_by_line(tmp_path: Path) -> No
 
 
 def test_ndjson_with_crlf_and_bom(tmp_path: Path) -> None:
-    path = write(
-        tmp_path / "b.ndjson", b"\xef\xbb\xbf" + b'{"resourceType":"Patient"}\r\n{"resourceType":"Group"}\r\n'
-    )
+    path = write(tmp_path / "b.ndjson", b"\xef\xbb\xbf" + b'{"resourceType":"Patient"}\r\n{"resourceType":"Group"}\r\n')
     assert [s.resource for s in read_all(path)] == [{"resourceType": "Patient"}, {"resourceType": "Group"}]
 
 

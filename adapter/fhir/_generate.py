@@ -300,9 +300,7 @@ def generate(source: Path) -> dict[str, bytes]:
             "types",
             index,
         ),
-        "r4-valuesets.json": _dump_lines(
-            {**header, "notExpanded": not_expanded}, "valueSets", expansions
-        ),
+        "r4-valuesets.json": _dump_lines({**header, "notExpanded": not_expanded}, "valueSets", expansions),
         "r4-searchparams.json": _dump_lines(
             header,
             "searchParameters",

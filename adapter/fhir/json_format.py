@@ -20,7 +20,6 @@ from adapter.errors import InputTooLargeError, ParseError
 __all__ = ["dumps", "loads"]
 
 
-
 def _reject_constant(name: str) -> Any:
     raise ParseError(f"JSON value {name} is not allowed in FHIR (numbers must be finite)")
 

@@ -159,9 +159,7 @@ def read_bytes(path: Path | None, max_bytes: int = DEFAULT_MAX_BYTES, stdin: Bin
         with path.open("rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size > max_bytes:
-                raise InputTooLargeError(
-                    f"file too large: {_size_text(size)}, over the {_limit_text(max_bytes)} limit"
-                )
+                raise InputTooLargeError(f"file too large: {_size_text(size)}, over the {_limit_text(max_bytes)} limit")
             data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise InputTooLargeError(f"input too large: over the {_limit_text(max_bytes)} limit")
@@ -223,9 +221,7 @@ def load(path: str, max_bytes: int = DEFAULT_MAX_BYTES, stdin: BinaryIO | None =
         return data
     source = _parse_source(entry.label, data)
     if source.error is not None and source.format == "json" and _looks_like_ndjson(data):
-        return Source(
-            entry.label, None, "NDJSON with several resources: expected exactly one", "json", "structure"
-        )
+        return Source(entry.label, None, "NDJSON with several resources: expected exactly one", "json", "structure")
     return source
 
 
@@ -257,9 +253,7 @@ def _parse_source(label: str, data: bytes, fmt: Format | None = None) -> Source:
         return Source(label, None, "nested too deeply", format=fmt, error_code="too-costly")
 
 
-def read_entry(
-    entry: Entry, max_bytes: int = DEFAULT_MAX_BYTES, stdin: BinaryIO | None = None
-) -> Iterator[Source]:
+def read_entry(entry: Entry, max_bytes: int = DEFAULT_MAX_BYTES, stdin: BinaryIO | None = None) -> Iterator[Source]:
     """The sources of one entry: one for a JSON or XML document, one per line of NDJSON.
 
     NDJSON is recognised by the ``.ndjson`` extension, or (for any JSON input) by content that is

@@ -121,11 +121,14 @@ class _Spec:
 class _Table:
     """A compiled context: specs by JSON name, required elements, and context facts."""
 
-    __slots__ = ("ctx", "inv", "is_extension", "required", "specs")
+    __slots__ = ("ctx", "inv", "is_extension", "names", "required", "specs")
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.specs = {name: _Spec(child) for name, child in ctx.children.items()}
+        # JSON property (also its _name part) -> element name: valueQuantity -> value
+        self.names = {key: spec.name for key, spec in self.specs.items()}
+        self.names.update({"_" + key: spec.name for key, spec in self.specs.items()})
         required: dict[str, list[str]] = {}
         for name, child in ctx.children.items():
             if child.element.min > 0:
@@ -256,10 +259,8 @@ class _Walk:
         elif len(node) == 1 and "id" in node:
             self.error("invariant", "ele-1: All FHIR elements must have a @value or children", path)
         if inv and self.env is not None:
-            present = set()
-            for key in node:
-                spec = specs.get(key[1:] if key[0] == "_" else key)
-                present.add(spec.name if spec is not None else key)
+            element_names = table.names
+            present = {element_names.get(key, key) for key in node}
             self.invariants.check(node, inv, path, self.env, self.issues, present)
 
     def repeating(self, value: Any, spec: _Spec, path: Path) -> None:
