@@ -127,7 +127,7 @@ class _Table:
         self.ctx = ctx
         self.specs = {name: _Spec(child) for name, child in ctx.children.items()}
         # JSON property (also its _name part) -> element name: valueQuantity -> value
-        self.names = {key: spec.name for key, spec in self.specs.items()}
+        self.names: dict[str, str] = {key: spec.name for key, spec in self.specs.items()}
         self.names.update({"_" + key: spec.name for key, spec in self.specs.items()})
         required: dict[str, list[str]] = {}
         for name, child in ctx.children.items():
@@ -260,7 +260,7 @@ class _Walk:
             self.error("invariant", "ele-1: All FHIR elements must have a @value or children", path)
         if inv and self.env is not None:
             element_names = table.names
-            present = {element_names.get(key, key) for key in node}
+            present: set[str] = {element_names.get(key, key) for key in node}
             self.invariants.check(node, inv, path, self.env, self.issues, present)
 
     def repeating(self, value: Any, spec: _Spec, path: Path) -> None:
