@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 from decimal import Decimal
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 from adapter.fhir import model
 from adapter.fhir.fhirpath import Env
@@ -260,7 +260,7 @@ class _Walk:
             self.error("invariant", "ele-1: All FHIR elements must have a @value or children", path)
         if inv and self.env is not None:
             element_names = table.names
-            present: set[str] = {element_names.get(k, k) for k in node}
+            present = cast("set[str]", {element_names.get(k, k) for k in node})
             self.invariants.check(node, inv, path, self.env, self.issues, present)
 
     def repeating(self, value: Any, spec: _Spec, path: Path) -> None:
