@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 PACKAGE = "hl7.fhir.r4.examples@4.0.1"
@@ -28,21 +29,28 @@ def official_examples(fetch: bool = True) -> Path | None:
     if not fetch or shutil.which("npm") is None:
         return None
     CACHE.mkdir(parents=True, exist_ok=True)
+    # Fetch into a private folder and rename it into place, so that concurrent test workers
+    # never see a half-extracted corpus.
+    work = Path(tempfile.mkdtemp(dir=CACHE))
     try:
         out = subprocess.run(
             ["npm", "pack", PACKAGE, "--silent"],
-            cwd=CACHE,
+            cwd=work,
             capture_output=True,
             text=True,
             timeout=300,
             check=True,
         )
-    except (OSError, subprocess.SubprocessError):
+        with tarfile.open(work / out.stdout.strip().splitlines()[-1]) as tar:
+            tar.extractall(work, filter="data")
+        try:
+            (work / "package").rename(folder)
+        except OSError:
+            pass  # another process got there first
+    except (OSError, subprocess.SubprocessError, tarfile.TarError, IndexError):
         return None
-    tgz = CACHE / out.stdout.strip().splitlines()[-1]
-    with tarfile.open(tgz) as tar:
-        tar.extractall(CACHE, filter="data")
-    tgz.unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return folder if (folder / "package.json").exists() else None
 
 

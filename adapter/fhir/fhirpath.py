@@ -456,18 +456,12 @@ def property_values(node: Any, name: str) -> Coll:
     return _navigate([node], name, Env(), typed=False)
 
 
-@lru_cache(maxsize=1)
 def _choice_suffixes() -> dict[str, dict[str, str]]:
-    """Choice element name -> {property suffix -> FHIR type code}, over all R4 types."""
-    found: dict[str, dict[str, str]] = {}
-    for type_name in model._types():
-        for element in model.type_model(type_name).elements.values():
-            if element.is_choice:
-                suffixes = found.setdefault(element.name, {})
-                for type_ in element.types:
-                    code = type_["code"]
-                    suffixes[code[0].upper() + code[1:]] = code
-    return found
+    """Choice element name -> {property suffix -> FHIR type code}, over all R4 types.
+
+    Precomputed by the generator (``r4-index.json``) so that no type model is loaded for it.
+    """
+    return model.choice_suffixes()
 
 
 @lru_cache(maxsize=1)
@@ -2279,6 +2273,9 @@ def _member_path(node: AST) -> list[str] | None:
 
 
 def _path(steps: tuple[Op, ...]) -> Fn:
+    if len(steps) == 1:
+        return steps[0]
+
     def path(focus: Coll, this: Coll, env: Env) -> Coll:
         coll = focus
         for step in steps:
@@ -2382,6 +2379,7 @@ _INLINE_BOOL: dict[str, Callable[[Coll], bool | None]] = {
     "exists": bool,
     "empty": lambda c: not c,
     "hasValue": lambda c: _has_value(c),
+    "isDistinct": lambda c: len(c) < 2 or len(_distinct(c)) == len(c),
 }
 
 

@@ -73,7 +73,7 @@ def _compiled(element: ElementDef) -> Compiled:
         absent: Any = None
         if names is not None:
             try:
-                absent = fn({}, Env())
+                absent = fn.test({}, Env())
             except Exception:
                 names = None
         out.append((key, constraint["severity"], constraint["human"], fn, names, absent))
@@ -103,12 +103,13 @@ class InvariantChecker:
                     result = absent
                 else:
                     try:
-                        result = fn(node, env)
+                        result = fn.test(node, env)
                     except Exception as exc:  # an evaluation error is reported, never passed silently
                         message = f"Invariant {key} could not be evaluated: {exc}"
                         issues.append(Issue("warning", "invariant", message, render(path)))
                         continue
-                if result == [False]:
+                # An empty result is "not violated" (https://hl7.org/fhirpath/N1/#singleton-evaluation-of-collections)
+                if result is False:
                     issues.append(Issue(_severity(severity), "invariant", f"{key}: {human}", render(path)))
 
 
