@@ -6,6 +6,7 @@ benchmarks and by the full-corpus tests. ``SPFHIR_R4_EXAMPLES`` may point at an 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -43,10 +44,8 @@ def official_examples(fetch: bool = True) -> Path | None:
         )
         with tarfile.open(work / out.stdout.strip().splitlines()[-1]) as tar:
             tar.extractall(work, filter="data")
-        try:
+        with contextlib.suppress(OSError):  # another process got there first
             (work / "package").rename(folder)
-        except OSError:
-            pass  # another process got there first
     except (OSError, subprocess.SubprocessError, tarfile.TarError, IndexError):
         return None
     finally:
