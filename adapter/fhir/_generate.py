@@ -13,6 +13,8 @@ Output (``adapter/fhir/definitions/``):
   choice element names (``value`` -> ``Quantity``, ``String``, ...) over all types.
 - ``r4-valuesets.json``: the codes of every ValueSet that a *required* binding in those
   types points to, where the expansion can be computed from the package alone.
+- ``r4-fhirpath.json``: the parsed syntax tree (fhirpathpy's grammar) of every invariant's
+  FHIRPath, so that validating needs no ANTLR parse at start-up.
 - ``r4-searchparams.json``: the R4 SearchParameters (code, base, type, expression, targets,
   modifiers, comparators, chains).
 
@@ -293,8 +295,20 @@ def generate(source: Path) -> dict[str, bytes]:
         )
         for type_name, type_ in types.items()
     }
+    from adapter.fhir.fhirpath import UnsupportedExpression, parse_fhirpath
+
+    expressions = sorted(
+        {c["expression"] for t in types.values() for e in t["elements"] for c in e.get("constraints", [])}
+    )
+    trees: dict[str, Any] = {}
+    for expression in expressions:
+        try:
+            trees[expression] = parse_fhirpath(expression)
+        except UnsupportedExpression:
+            continue  # compiled (and reported) at run time instead
     return {
         **files,
+        "r4-fhirpath.json": _dump_lines(header, "expressions", trees),
         "r4-index.json": _dump_lines(
             {**header, "choices": {k: dict(sorted(v.items())) for k, v in sorted(choices.items())}},
             "types",

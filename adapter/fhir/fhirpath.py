@@ -122,6 +122,7 @@ __all__ = [
     "evaluate_invariant",
     "html_checks",
     "iter_constraints",
+    "parse_fhirpath",
     "parse_temporal",
     "property_values",
 ]
@@ -2826,6 +2827,12 @@ def _root_resource(env: Env) -> Coll:
 
 
 def _parse(expression: str) -> AST:
+    """The AST of ``expression``: shipped for the R4 invariants, else parsed now."""
+    shipped = model.fhirpath_tree(expression)
+    return shipped if shipped is not None else parse_fhirpath(expression)
+
+
+def parse_fhirpath(expression: str) -> AST:
     """The fhirpathpy AST of ``expression``; syntax errors raise UnsupportedExpression."""
     from antlr4 import CommonTokenStream, InputStream  # type: ignore[import-untyped]
     from antlr4.error.ErrorListener import ErrorListener  # type: ignore[import-untyped]

@@ -25,6 +25,7 @@ __all__ = [
     "TypeModel",
     "choice_suffixes",
     "context_for",
+    "fhirpath_tree",
     "is_resource_type",
     "resource_types",
     "search_parameters",
@@ -238,6 +239,17 @@ def value_set_not_expanded(url: str) -> str | None:
     """Why a ValueSet could not be expanded from the R4 package, if it could not."""
     reason = _value_sets()["_header"]["notExpanded"].get(url.split("|")[0])
     return None if reason is None else str(reason)
+
+
+@cache
+def _fhirpath_trees() -> dict[str, Any]:
+    return dict(_definitions("r4-fhirpath.json")["expressions"])
+
+
+def fhirpath_tree(expression: str) -> dict[str, Any] | None:
+    """The pre-parsed syntax tree of an R4 invariant's FHIRPath, if it is one."""
+    found = _fhirpath_trees().get(expression)
+    return None if found is None else dict(found)
 
 
 @cache
