@@ -62,6 +62,7 @@ class _Spec:
         "choice",
         "ctx",
         "element",
+        "fast",
         "inv",
         "json_kind",
         "key",
@@ -110,6 +111,10 @@ class _Spec:
         self.low = 1 if code == "positiveInt" else 0 if code == "unsignedInt" else INT32_MIN
         self.prim_inv = elements_for_primitive(element) if primitive else ()
         self.inv: tuple[ElementDef, ...] | None = None
+        # Fast path for the commonest value: a string primitive whose only check is its regex
+        # (no binding, no invariant, not xhtml, not code: codes also get a whitespace check).
+        plain = primitive and self.json_kind == "string" and code not in ("xhtml", "code")
+        self.fast = self.regex if plain and self.binding is None and not self.prim_inv else None
 
     def context(self) -> Context:
         if self.ctx is None:
@@ -231,6 +236,11 @@ class _Walk:
                         (path, "." + spec.name),
                     )
                 choices[spec.name] = key
+            fast = spec.fast
+            if fast is not None and value.__class__ is str and fast.fullmatch(value) is not None:
+                if spec.repeats:
+                    self.repeating(value, spec, (path, spec.segment))
+                continue
             if spec.repeats:
                 self.repeating(value, spec, (path, spec.segment))
                 # null stands in an array only to align with the _name part that carries extensions
@@ -272,7 +282,10 @@ class _Walk:
             return
         if spec.max is not None and len(value) > spec.max:
             self.error("structure", f"Too many '{spec.key}': {len(value)}, at most {spec.max}", path)
+        fast = spec.fast
         for index, item in enumerate(value):
+            if fast is not None and item.__class__ is str and fast.fullmatch(item) is not None:
+                continue
             self.item(item, spec, (path, at(index)))
 
     def item(self, value: Any, spec: _Spec, path: Path) -> None:
