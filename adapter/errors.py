@@ -12,6 +12,9 @@ rendered once: by the API's exception handler as an OperationOutcome, by the CLI
      |    +-- InputTooLargeError   (413, too-costly)  over a size or depth limit
      |    +-- UnknownTypeError     (400, not-supported) resourceType that R4 does not define
      +-- ValidationFailed          (422, processing)  carries the issues that failed validation
+     +-- store errors, declared with the ResourceStore seam (adapter/store/base.py):
+          NotFound (404, not-found), Gone (410, deleted), VersionConflict (412, conflict),
+          Conflict (409, conflict)
 """
 
 from __future__ import annotations

@@ -1,0 +1,27 @@
+"""Storage of FHIR resources with history (the ``ResourceStore`` seam)."""
+
+from adapter.store.base import (
+    Conflict,
+    Gone,
+    HistoryEntry,
+    NotFound,
+    Operation,
+    OperationResult,
+    Resource,
+    ResourceStore,
+    VersionConflict,
+)
+from adapter.store.sqlite import SQLiteStore
+
+__all__ = [
+    "Conflict",
+    "Gone",
+    "HistoryEntry",
+    "NotFound",
+    "Operation",
+    "OperationResult",
+    "Resource",
+    "ResourceStore",
+    "SQLiteStore",
+    "VersionConflict",
+]

@@ -1,0 +1,189 @@
+"""The ``ResourceStore`` seam: keep FHIR resources with their versions, and give them back exactly.
+
+A store holds whole resources as FHIR JSON (written by :func:`adapter.fhir.json_format.dumps`, so
+decimals keep their written form) plus every earlier version. It owns ``meta.versionId`` ("1", "2",
+...) and ``meta.lastUpdated`` (a UTC instant with milliseconds, ``2026-11-23T12:00:00.123Z``): it sets
+them on what it stores and returns; all other content is kept as given. Writes of one call, and all
+operations of one :meth:`ResourceStore.transaction`, are atomic.
+
+Implementations:
+
+- :class:`adapter.store.sqlite.SQLiteStore`: embedded default, stdlib ``sqlite3`` in WAL mode.
+
+Search is not part of the seam yet (a later slice adds index tables derived from SearchParameters).
+
+Errors (subclasses of :class:`adapter.errors.AdapterError`)::
+
+    AdapterError
+     +-- NotFound          (404, not-found)  no such resource or version
+     +-- Gone              (410, deleted)    the resource, or the version asked for, is deleted
+     +-- VersionConflict   (412, conflict)   If-Match does not name the current version
+     +-- Conflict          (409, conflict)   clashes with the store's state or another change of the call
+    InputError             (400, invalid)    a resource without resourceType, or an update without a valid id
+
+See https://hl7.org/fhir/R4/http.html and https://hl7.org/fhir/R4/resource.html#Meta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from adapter.errors import AdapterError
+
+__all__ = [
+    "Conflict",
+    "Gone",
+    "HistoryEntry",
+    "NotFound",
+    "Operation",
+    "OperationResult",
+    "Resource",
+    "ResourceStore",
+    "VersionConflict",
+]
+
+Resource = dict[str, Any]
+"""One resource as parsed FHIR JSON (decimals as :class:`decimal.Decimal`)."""
+
+
+class NotFound(AdapterError):
+    issue_code = "not-found"
+    status = 404
+
+
+class Gone(AdapterError):
+    issue_code = "deleted"
+    status = 410
+
+
+class VersionConflict(AdapterError):
+    """If-Match named another version than the current one (https://hl7.org/fhir/R4/http.html#concurrency)."""
+
+    issue_code = "conflict"
+    status = 412
+
+
+class Conflict(AdapterError):
+    issue_code = "conflict"
+    status = 409
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One change inside :meth:`ResourceStore.transaction`; build it with the class methods."""
+
+    method: Literal["create", "update", "delete"]
+    type: str
+    id: str | None = None
+    resource: Resource | None = None
+    if_match: str | None = None
+
+    @classmethod
+    def create(cls, resource: Resource, *, id: str | None = None) -> Operation:
+        """A create; ``id`` lets the caller fix the new server id in advance (e.g. to resolve
+        ``urn:uuid`` references of a transaction Bundle), otherwise the store assigns a uuid4."""
+        return cls("create", str(resource.get("resourceType", "")), id, resource)
+
+    @classmethod
+    def update(cls, resource: Resource, *, if_match: str | None = None) -> Operation:
+        return cls("update", str(resource.get("resourceType", "")), resource.get("id"), resource, if_match)
+
+    @classmethod
+    def delete(cls, type: str, id: str, *, if_match: str | None = None) -> Operation:
+        return cls("delete", type, id, None, if_match)
+
+
+@dataclass(frozen=True, slots=True)
+class OperationResult:
+    """What one operation did: the stored resource (``None`` for a delete) and its new version."""
+
+    type: str
+    id: str
+    version_id: str
+    created: bool
+    resource: Resource | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One version of one resource; a delete is a version too, with ``deleted`` set and no resource."""
+
+    type: str
+    id: str
+    version_id: str
+    last_updated: str
+    deleted: bool
+    resource: Resource | None
+
+
+class ResourceStore(Protocol):
+    async def create(self, resource: Resource) -> Resource:
+        """Store a new resource under a new server id (uuid4; an ``id`` in the input is ignored).
+
+        Returns the stored resource with ``id``, ``meta.versionId`` "1" and ``meta.lastUpdated``.
+        See: https://hl7.org/fhir/R4/http.html#create
+        """
+        ...
+
+    async def read(self, type: str, id: str) -> Resource:
+        """The current version; :class:`NotFound` if it never existed, :class:`Gone` if deleted.
+
+        See: https://hl7.org/fhir/R4/http.html#read
+        """
+        ...
+
+    async def vread(self, type: str, id: str, version: str) -> Resource:
+        """One version; :class:`NotFound` if there is no such version, :class:`Gone` if it is a delete.
+
+        See: https://hl7.org/fhir/R4/http.html#vread
+        """
+        ...
+
+    async def update(self, resource: Resource, if_match: str | None = None) -> tuple[Resource, bool]:
+        """Store a new version of ``resource`` under its own ``id``; returns (stored, created).
+
+        A resource that does not exist yet, or was deleted, is created under the client's id
+        (created=True). ``if_match`` is a versionId (``"3"``) or its ETag (``W/"3"``); when it does
+        not name the current version, or there is none, raises :class:`VersionConflict`.
+        See: https://hl7.org/fhir/R4/http.html#update and https://hl7.org/fhir/R4/http.html#concurrency
+        """
+        ...
+
+    async def delete(self, type: str, id: str, if_match: str | None = None) -> None:
+        """Delete: a new version marked deleted. Deleting a deleted resource changes nothing;
+        one that never existed raises :class:`NotFound`.
+
+        See: https://hl7.org/fhir/R4/http.html#delete
+        """
+        ...
+
+    async def history(
+        self,
+        type: str | None = None,
+        id: str | None = None,
+        since: datetime | None = None,
+        count: int | None = None,
+    ) -> list[HistoryEntry]:
+        """Versions, newest first: of one resource (type and id), of a type, or of the whole system
+        (neither). ``since`` keeps versions updated at or after that instant; ``count`` keeps the
+        first ``count`` entries. Deletes are included as entries marked deleted.
+
+        See: https://hl7.org/fhir/R4/http.html#history
+        """
+        ...
+
+    async def transaction(self, operations: Sequence[Operation]) -> list[OperationResult]:
+        """Apply creates, updates and deletes all together or not at all; results in input order.
+
+        Two operations on the same resource raise :class:`Conflict`; the first failing operation
+        rolls back all of them and its error is raised.
+        See: https://hl7.org/fhir/R4/http.html#transaction
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release the store's connections; the store is unusable afterwards."""
+        ...
