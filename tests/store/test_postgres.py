@@ -1,0 +1,229 @@
+"""What only the PostgreSQL store promises: data that survives reconnecting, exact JSON text next to
+``jsonb``, locking between separate stores, and a killed writer leaving nothing behind.
+
+Runs on the session's throwaway cluster (``postgres_dsn`` in conftest); skipped when there is none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("psycopg", reason="psycopg is not installed")
+
+import psycopg
+
+from adapter.store import Conflict, Gone, NotFound, Operation, VersionConflict
+from adapter.store.postgres import PostgresStore
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_everything_survives_reconnecting(postgres_dsn: str) -> None:
+    async with PostgresStore(postgres_dsn) as store:
+        kept = await store.create({"resourceType": "Observation", "valueQuantity": {"value": Decimal("0.40")}})
+        updated, _ = await store.update({**kept, "status": "final"})
+        gone = await store.create({"resourceType": "Patient"})
+        await store.delete("Patient", gone["id"])
+        history = await store.history()
+
+    async with PostgresStore(postgres_dsn) as reopened:
+        assert await reopened.read("Observation", kept["id"]) == updated
+        assert str((await reopened.vread("Observation", kept["id"], "1"))["valueQuantity"]["value"]) == "0.40"
+        with pytest.raises(Gone):
+            await reopened.read("Patient", gone["id"])
+        assert await reopened.history() == history
+        again, _ = await reopened.update(updated, if_match="2")
+        assert again["meta"]["versionId"] == "3"
+
+    with psycopg.connect(postgres_dsn) as raw:
+        assert raw.execute("SELECT count(*) FROM history").fetchone() == (5,)
+        # The exact text is kept for reads; the jsonb copy is there to query (numerically).
+        text, value, deleted_content = raw.execute(
+            "SELECT h.json, (h.content->'valueQuantity'->>'value')::numeric, d.content"
+            " FROM history h, history d"
+            " WHERE h.id = %s AND h.version = 1 AND d.id = %s AND d.deleted",
+            (kept["id"], gone["id"]),
+        ).fetchone() or (None, None, None)
+        assert '"value":0.40' in text
+        assert value == Decimal("0.40") and deleted_content is None
+        assert raw.execute(
+            "SELECT count(*) FROM resources WHERE content @> %s::jsonb", ('{"status": "final"}',)
+        ).fetchone() == (1,)
+
+
+async def test_two_stores_cannot_both_win_the_same_if_match(postgres_dsn: str) -> None:
+    """Each store has its own connection, so only the per-resource lock keeps them apart."""
+    stores = [PostgresStore(postgres_dsn) for _ in range(4)]
+    try:
+        for round in range(20):
+            resource, _ = await stores[0].update({"resourceType": "Patient", "id": f"p{round}"})
+            outcomes = await asyncio.gather(
+                *(store.update({**resource, "gender": str(n)}, if_match="1") for n, store in enumerate(stores)),
+                return_exceptions=True,
+            )
+            assert sum(isinstance(o, tuple) for o in outcomes) == 1, outcomes
+            assert all(isinstance(o, tuple | VersionConflict) for o in outcomes), outcomes
+            assert [e.version_id for e in await stores[1].history("Patient", f"p{round}")] == ["2", "1"]
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_two_stores_creating_one_client_id_are_serialised(postgres_dsn: str) -> None:
+    stores = [PostgresStore(postgres_dsn) for _ in range(4)]
+    try:
+        outcomes = await asyncio.gather(
+            *(
+                store.update({"resourceType": "Patient", "id": "same", "gender": str(n)})
+                for n, store in enumerate(stores)
+            )
+        )
+        assert sorted(r["meta"]["versionId"] for r, _ in outcomes) == ["1", "2", "3", "4"]
+        assert [created for r, created in outcomes if r["meta"]["versionId"] == "1"] == [True]
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_a_writer_locked_out_past_the_lock_timeout_gets_conflict(postgres_dsn: str) -> None:
+    async with PostgresStore(postgres_dsn, lock_timeout=0.1) as store:
+        await store.update({"resourceType": "Patient", "id": "p1"})
+        with psycopg.connect(postgres_dsn) as raw:
+            raw.execute("SELECT pg_advisory_xact_lock(hashtextextended('Patient/p1', 0))")
+            with pytest.raises(Conflict):
+                await store.update({"resourceType": "Patient", "id": "p1"})
+            raw.rollback()
+        updated, created = await store.update({"resourceType": "Patient", "id": "p1"})
+        assert (updated["meta"]["versionId"], created) == ("2", False)
+
+
+async def test_a_cancelled_call_leaves_a_usable_store(postgres_dsn: str) -> None:
+    async with PostgresStore(postgres_dsn) as store:
+        await store.update({"resourceType": "Patient", "id": "p1"})
+        with psycopg.connect(postgres_dsn) as raw:
+            raw.execute("SELECT pg_advisory_xact_lock(hashtextextended('Patient/p1', 0))")
+            waiting = asyncio.ensure_future(store.update({"resourceType": "Patient", "id": "p1"}))
+            await asyncio.sleep(0.3)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            raw.rollback()
+        assert (await store.read("Patient", "p1"))["meta"]["versionId"] == "1"
+        updated, _ = await store.update({"resourceType": "Patient", "id": "p1"})
+        assert updated["meta"]["versionId"] == "2"
+
+
+async def test_a_closed_store_refuses_work(postgres_dsn: str) -> None:
+    store = PostgresStore(postgres_dsn)
+    with pytest.raises(NotFound):
+        await store.read("Patient", "p1")  # connects
+    await store.close()
+    await store.close()  # closing twice is harmless
+    with pytest.raises(RuntimeError):
+        await store.read("Patient", "p1")
+
+
+# The writer: 5,000 creates in one transaction. Each create serialises its resource with
+# ``dumps``; the patched ``dumps`` says INSIDE after 4,000 of them (and, when asked, then waits
+# to be killed), so the kill lands inside the transaction after many rows have been written.
+WRITER = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    import adapter.store.postgres as module
+    from adapter.store import Operation
+    from adapter.store.postgres import PostgresStore
+
+    dsn, pause = sys.argv[1], sys.argv[2] == "pause"
+    real_dumps, calls = module.dumps, 0
+
+    def dumps(resource):
+        global calls
+        calls += 1
+        if calls == 4000:
+            print("INSIDE", flush=True)
+            if pause:
+                time.sleep(60)
+        return real_dumps(resource)
+
+    module.dumps = dumps
+
+    async def main():
+        store = PostgresStore(dsn)
+        operations = [
+            Operation.create({"resourceType": "Observation", "status": "final", "note": [{"text": "x" * 1000}]})
+            for _ in range(5000)
+        ]
+        await store.transaction(operations)
+        await store.close()
+        print("DONE", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+def writer_backends(dsn: str) -> list[tuple[str, int]]:
+    """Other sessions' state and how many rows their open transaction has written so far."""
+    with psycopg.connect(dsn) as raw:
+        rows = raw.execute(
+            "SELECT state, pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        ).fetchall()
+        return [(str(state), int(pid)) for state, pid in rows]
+
+
+@pytest.mark.parametrize("killed", [True, False], ids=["killed", "completed"])
+async def test_a_writer_killed_mid_transaction_leaves_all_or_nothing(postgres_dsn: str, killed: bool) -> None:
+    async with PostgresStore(postgres_dsn) as store:
+        before = await store.create({"resourceType": "Patient"})
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", WRITER, postgres_dsn, "pause" if killed else "go"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline().strip()]
+        assert lines == ["INSIDE"]
+        if killed:
+            # The writer sits inside its transaction with 3,999 creates (7,998 rows) written.
+            assert [state for state, _ in writer_backends(postgres_dsn)] == ["idle in transaction"]
+            process.send_signal(signal.SIGKILL)
+        out, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    lines += out.split()
+
+    if killed:
+        assert process.returncode == -signal.SIGKILL
+        assert lines == ["INSIDE"]
+        # The server sees the connection drop and rolls the transaction back.
+        deadline = time.monotonic() + 30
+        while writer_backends(postgres_dsn) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert writer_backends(postgres_dsn) == []
+    else:
+        assert process.returncode == 0
+        assert lines == ["INSIDE", "DONE"]
+
+    async with PostgresStore(postgres_dsn) as store:
+        observations = await store.history("Observation")
+        assert len(observations) == (0 if killed else 5000)
+        assert await store.read("Patient", before["id"]) == before
+        results = await store.transaction([Operation.create({"resourceType": "Patient"})])
+        assert results[0].created is True
+        assert len(await store.history()) == len(observations) + 2
