@@ -33,6 +33,15 @@ from psycopg.pq import TransactionStatus
 
 from adapter.errors import InputError
 from adapter.fhir.json_format import dumps, loads
+from adapter.store._common import (
+    check_id,
+    check_type,
+    history_entries,
+    history_query,
+    instant,
+    version_of,
+    with_meta,
+)
 from adapter.store.base import (
     Conflict,
     Gone,
@@ -43,7 +52,6 @@ from adapter.store.base import (
     Resource,
     VersionConflict,
 )
-from adapter.store.sqlite import _check_id, _check_type, _instant, _stamped, _version_of
 
 __all__ = ["PostgresStore"]
 
@@ -162,7 +170,7 @@ class PostgresStore:
         """Apply ``operations`` in one transaction; any error rolls all of them back."""
         async with self._lock:
             conn = await self._connection()
-            now = _instant(self._clock())
+            now = instant(self._clock())
             try:
                 async with conn.transaction(), conn.cursor() as cursor:
                     seen: set[tuple[str, str]] = set()
@@ -233,36 +241,11 @@ class PostgresStore:
             raise ValueError("instance history needs the type as well as the id")
         if count is not None and count < 0:
             raise ValueError("count must not be negative")
-        where: list[str] = []
-        params: list[Any] = []
-        if type is not None:
-            where.append("type = %s")
-            params.append(type)
-        if id is not None:
-            where.append("id = %s")
-            params.append(id)
-        if since is not None:
-            where.append("last_updated >= %s")
-            params.append(_instant(since))
-        sql = "SELECT type, id, version, last_updated, deleted, json FROM history"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
         # seq is insertion order: it breaks ties between versions written in the same millisecond.
-        sql += " ORDER BY last_updated DESC, seq DESC"
-        if count is not None:
-            sql += " LIMIT %s"
-            params.append(count)
-        return [
-            HistoryEntry(
-                type=row[0],
-                id=row[1],
-                version_id=str(row[2]),
-                last_updated=row[3],
-                deleted=bool(row[4]),
-                resource=None if row[5] is None else loads(row[5]),
-            )
-            for row in await self._fetch(sql, params)
-        ]
+        sql, params = history_query(
+            type, id, None if since is None else instant(since), count, placeholder="%s", tiebreak="seq"
+        )
+        return history_entries(await self._fetch(sql, params))
 
     async def transaction(self, operations: Sequence[Operation]) -> list[OperationResult]:
         return await self._write(list(operations))
@@ -284,14 +267,14 @@ class PostgresStore:
         seen: set[tuple[str, str]],
     ) -> OperationResult:
         if operation.resource is not None:
-            _check_type(operation.resource.get("resourceType"))
+            check_type(operation.resource.get("resourceType"))
             if operation.resource["resourceType"] != operation.type:
                 raise InputError("the operation's type is not the resource's resourceType", expression="resourceType")
-        _check_type(operation.type)
+        check_type(operation.type)
         if operation.method == "create":
-            id = str(uuid.uuid4()) if operation.id is None else _check_id(operation.id)
+            id = str(uuid.uuid4()) if operation.id is None else check_id(operation.id)
         else:
-            id = _check_id(operation.id)
+            id = check_id(operation.id)
         key = (operation.type, id)
         if key in seen:
             # https://hl7.org/fhir/R4/http.html#trules: overlapping identities SHALL fail the transaction.
@@ -306,7 +289,7 @@ class PostgresStore:
         row = await cursor.fetchone()
         current = None if row is None else (int(row[0]), bool(row[1]))
         if operation.if_match is not None:
-            expected = _version_of(operation.if_match)
+            expected = version_of(operation.if_match)
             if current is None or str(current[0]) != expected:
                 actual = "none" if current is None else str(current[0])
                 raise VersionConflict(
@@ -326,7 +309,7 @@ class PostgresStore:
         if operation.method == "create" and current is not None:
             raise Conflict(f"{operation.type}/{id} exists already")
         version = 1 if current is None else current[0] + 1
-        stamped = _stamped(operation.resource, id, version, now)
+        stamped = with_meta(operation.resource, id, version, now)
         text = dumps(stamped).decode("utf-8")
         await self._put(cursor, operation.type, id, version, now, text)
         created = current is None or current[1]

@@ -19,7 +19,6 @@ survives a crash of the process or the machine (https://www.sqlite.org/wal.html)
 from __future__ import annotations
 
 import asyncio
-import re
 import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
@@ -30,6 +29,15 @@ from typing import Any, TypeVar
 
 from adapter.errors import InputError
 from adapter.fhir.json_format import dumps, loads
+from adapter.store._common import (
+    check_id,
+    check_type,
+    history_entries,
+    history_query,
+    instant,
+    version_of,
+    with_meta,
+)
 from adapter.store.base import (
     Conflict,
     Gone,
@@ -67,47 +75,6 @@ CREATE TABLE IF NOT EXISTS history (
 CREATE INDEX IF NOT EXISTS history_by_time ON history (last_updated);
 CREATE INDEX IF NOT EXISTS history_by_type_time ON history (type, last_updated);
 """
-
-# https://hl7.org/fhir/R4/datatypes.html#id
-_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}")
-# If-Match carries an ETag, W/"<versionId>" (https://hl7.org/fhir/R4/http.html#concurrency).
-_ETAG = re.compile(r'(?:W/)?"([^"]*)"')
-
-
-def _instant(moment: datetime) -> str:
-    """A FHIR instant in UTC with milliseconds; fixed width, so text order is time order."""
-    if moment.tzinfo is None:
-        raise ValueError("a store timestamp needs a time zone")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def _version_of(if_match: str) -> str:
-    match = _ETAG.fullmatch(if_match.strip())
-    return match.group(1) if match else if_match.strip()
-
-
-def _check_type(type: object) -> None:
-    if not isinstance(type, str) or not _TYPE.fullmatch(type):
-        raise InputError(f"not a resource type: {type!r}", expression="resourceType")
-
-
-def _check_id(id: object) -> str:
-    if not isinstance(id, str) or not _ID.fullmatch(id):
-        raise InputError(f"not a valid resource id: {id!r}", expression="id")
-    return id
-
-
-def _stamped(resource: Resource, id: str, version: int, last_updated: str) -> Resource:
-    """``resource`` with the store's id and meta, in the usual order (resourceType, id, meta, rest)."""
-    meta = dict(resource.get("meta") or {})
-    meta["versionId"] = str(version)
-    meta["lastUpdated"] = last_updated
-    stamped: Resource = {"resourceType": resource["resourceType"], "id": id, "meta": meta}
-    for key, value in resource.items():
-        if key not in stamped:
-            stamped[key] = value
-    return stamped
 
 
 class SQLiteStore:
@@ -209,7 +176,7 @@ class SQLiteStore:
             raise ValueError("instance history needs the type as well as the id")
         if count is not None and count < 0:
             raise ValueError("count must not be negative")
-        return await self._run(self._history, type, id, None if since is None else _instant(since), count)
+        return await self._run(self._history, type, id, None if since is None else instant(since), count)
 
     async def transaction(self, operations: Sequence[Operation]) -> list[OperationResult]:
         return await self._run(self._write, list(operations))
@@ -224,7 +191,7 @@ class SQLiteStore:
     # -- on the worker thread ---------------------------------------------------------------------
 
     def _now(self) -> str:
-        return _instant(self._clock())
+        return instant(self._clock())
 
     def _current(self, type: str, id: str) -> tuple[int, bool, str | None] | None:
         row = self._conn.execute(
@@ -257,47 +224,20 @@ class SQLiteStore:
         return resource
 
     def _history(self, type: str | None, id: str | None, since: str | None, count: int | None) -> list[HistoryEntry]:
-        where: list[str] = []
-        params: list[Any] = []
-        if type is not None:
-            where.append("type = ?")
-            params.append(type)
-        if id is not None:
-            where.append("id = ?")
-            params.append(id)
-        if since is not None:
-            where.append("last_updated >= ?")
-            params.append(since)
-        sql = "SELECT type, id, version, last_updated, deleted, json FROM history"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
         # rowid is insertion order: it breaks ties between versions written in the same millisecond.
-        sql += " ORDER BY last_updated DESC, rowid DESC"
-        if count is not None:
-            sql += " LIMIT ?"
-            params.append(count)
-        return [
-            HistoryEntry(
-                type=row[0],
-                id=row[1],
-                version_id=str(row[2]),
-                last_updated=row[3],
-                deleted=bool(row[4]),
-                resource=None if row[5] is None else loads(row[5]),
-            )
-            for row in self._conn.execute(sql, params)
-        ]
+        sql, params = history_query(type, id, since, count, placeholder="?", tiebreak="rowid")
+        return history_entries(self._conn.execute(sql, params).fetchall())
 
     def _apply(self, operation: Operation, now: str, seen: set[tuple[str, str]]) -> OperationResult:
         if operation.resource is not None:
-            _check_type(operation.resource.get("resourceType"))
+            check_type(operation.resource.get("resourceType"))
             if operation.resource["resourceType"] != operation.type:
                 raise InputError("the operation's type is not the resource's resourceType", expression="resourceType")
-        _check_type(operation.type)
+        check_type(operation.type)
         if operation.method == "create":
-            id = str(uuid.uuid4()) if operation.id is None else _check_id(operation.id)
+            id = str(uuid.uuid4()) if operation.id is None else check_id(operation.id)
         else:
-            id = _check_id(operation.id)
+            id = check_id(operation.id)
         key = (operation.type, id)
         if key in seen:
             # https://hl7.org/fhir/R4/http.html#trules: overlapping identities SHALL fail the transaction.
@@ -305,7 +245,7 @@ class SQLiteStore:
         seen.add(key)
         current = self._current(operation.type, id)
         if operation.if_match is not None:
-            expected = _version_of(operation.if_match)
+            expected = version_of(operation.if_match)
             if current is None or str(current[0]) != expected:
                 actual = "none" if current is None else str(current[0])
                 raise VersionConflict(
@@ -325,7 +265,7 @@ class SQLiteStore:
         if operation.method == "create" and current is not None:
             raise Conflict(f"{operation.type}/{id} exists already")
         version = 1 if current is None else current[0] + 1
-        stamped = _stamped(operation.resource, id, version, now)
+        stamped = with_meta(operation.resource, id, version, now)
         text = dumps(stamped).decode("utf-8")
         self._put(operation.type, id, version, now, text)
         created = current is None or current[1]
