@@ -1,0 +1,121 @@
+"""Errors of the REST API, and the one place where every error becomes an OperationOutcome.
+
+The API adds a few HTTP-only errors to the adapter's tree (:mod:`adapter.errors`)::
+
+    AdapterError
+     +-- UnknownResourceType   (404, not-supported)  the URL names a type that R4 does not define
+     +-- NotAcceptable         (406, not-supported)  no format in _format / Accept that we can write
+     +-- UnsupportedMediaType  (415, not-supported)  a request body that is neither FHIR JSON nor XML
+
+(the last two are declared in :mod:`adapter.api.negotiation`, which raises them.)
+
+:func:`install` registers the exception handlers that render every error of every route as an
+OperationOutcome in the negotiated format: the adapter's own errors, Starlette's 404/405, FastAPI's
+request validation errors (400 here: a malformed parameter is a bad request in FHIR, while 422 is
+kept for resources that fail validation, https://hl7.org/fhir/R4/http.html#update) and any
+unexpected exception (500, with no internal details).
+See https://hl7.org/fhir/R4/operationoutcome.html and https://hl7.org/fhir/R4/http.html#2.21.0.4.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
+
+from adapter.api.negotiation import NotAcceptable, UnsupportedMediaType, error_format, render
+from adapter.errors import AdapterError, ValidationFailed
+
+__all__ = ["NotAcceptable", "UnknownResourceType", "UnsupportedMediaType", "install", "outcome"]
+
+
+class UnknownResourceType(AdapterError):
+    issue_code = "not-supported"
+    status = 404
+
+
+# Issue codes for HTTP errors raised by the framework itself (https://hl7.org/fhir/R4/valueset-issue-type.html).
+_ISSUE_CODES = {
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+    409: "conflict",
+    412: "conflict",
+    413: "too-costly",
+    415: "not-supported",
+    422: "processing",
+}
+
+
+def outcome(issues: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome", "issue": issues}
+
+
+def _respond(
+    request: Request, status: int, issues: list[dict[str, Any]], headers: dict[str, str] | None = None
+) -> Response:
+    return render(outcome(issues), error_format(request), status, headers)
+
+
+async def _adapter_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AdapterError)
+    issues = exc.issues if isinstance(exc, ValidationFailed) else [exc.issue()]
+    return _respond(request, exc.status, issues)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at the request's path; Starlette names only the first route's."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, BaseRoute) and route.matches(request.scope)[0] is Match.PARTIAL:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    issue = {"severity": "error", "code": _ISSUE_CODES.get(exc.status_code, "exception"), "diagnostics": exc.detail}
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # A 405 names the methods the resource supports (RFC 9110 section 15.5.6).
+        headers["Allow"] = _allowed_methods(request)
+    return _respond(request, exc.status_code, [issue], headers)
+
+
+def _expression(location: tuple[Any, ...] | list[Any]) -> str:
+    """FastAPI's error location (``("query", "_count")``) as the parameter's name."""
+    return ".".join(str(part) for part in location[1:]) or str(location[0])
+
+
+async def _request_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    issues = [
+        {
+            "severity": "error",
+            "code": "invalid",
+            "diagnostics": str(error.get("msg", "invalid request")),
+            "expression": [_expression(error.get("loc", ("request",)))],
+        }
+        for error in exc.errors()
+    ]
+    return _respond(request, 400, issues)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    # No exception text leaves the server: it may hold internals. The server logs the exception.
+    issue = {"severity": "fatal", "code": "exception", "diagnostics": "An unexpected error occurred on the server"}
+    return _respond(request, 500, [issue])
+
+
+def install(app: FastAPI) -> None:
+    """Render every error of ``app`` as an OperationOutcome (the one place errors are rendered)."""
+    app.add_exception_handler(AdapterError, _adapter_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _request_validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)

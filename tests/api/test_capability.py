@@ -1,0 +1,77 @@
+"""The CapabilityStatement declares exactly what the routing table serves (style rule 4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from adapter.api.interactions import BASE, ROUTES
+from adapter.fhir import xml_format
+from adapter.fhir.model import value_set_codes
+from adapter.validation.structure import StructuralValidator
+from tests.api.conftest import FHIR_XML
+
+pytestmark = pytest.mark.anyio
+
+
+def resource_types_value_set() -> frozenset[str]:
+    codes = value_set_codes("http://hl7.org/fhir/ValueSet/resource-types")
+    assert codes is not None
+    return frozenset().union(*codes.values())
+
+
+async def statement(client: httpx.AsyncClient) -> dict[str, Any]:
+    response = await client.get("/fhir/metadata")
+    assert response.status_code == 200
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_the_statement_is_a_valid_r4_server_statement_in_json_and_xml(client: httpx.AsyncClient) -> None:
+    body = await statement(client)
+    assert body["resourceType"] == "CapabilityStatement"
+    assert body["fhirVersion"] == "4.0.1"
+    assert body["kind"] == "instance"
+    assert body["format"] == ["json", "xml"]
+    assert body["implementation"]["url"] == "http://test/fhir"
+    assert [rest["mode"] for rest in body["rest"]] == ["server"]
+    assert [issue.diagnostics for issue in StructuralValidator().validate(body) if issue.is_error] == []
+
+    as_xml = await client.get("/fhir/metadata", headers={"Accept": FHIR_XML})
+    assert as_xml.headers["content-type"].startswith(FHIR_XML)
+    parsed = xml_format.loads(as_xml.content)
+    assert {key: value for key, value in parsed.items() if key != "date"} == {
+        key: value for key, value in body.items() if key != "date"
+    }
+
+
+async def test_every_r4_resource_type_is_listed_once(client: httpx.AsyncClient) -> None:
+    listed = [resource["type"] for resource in (await statement(client))["rest"][0]["resource"]]
+    assert len(listed) == len(set(listed))
+    # The R4 resource types: the codes of the ValueSet that CapabilityStatement.rest.resource.type binds to.
+    assert set(listed) == set(resource_types_value_set()) - {"Resource", "DomainResource"}
+    assert "Patient" in listed and "Bundle" in listed
+
+
+async def test_the_interactions_are_exactly_those_of_the_routing_table(client: httpx.AsyncClient) -> None:
+    rest = (await statement(client))["rest"][0]
+    per_type = {route.interaction for route in ROUTES if route.level in ("type", "instance")}
+    assert per_type == {"read", "vread", "create", "update", "delete", "history-instance", "history-type"}
+    for resource in rest["resource"]:
+        assert sorted(item["code"] for item in resource["interaction"]) == sorted(per_type), resource["type"]
+    system = {route.interaction for route in ROUTES if route.level == "system"} - {"capabilities"}
+    assert {item["code"] for item in rest["interaction"]} == system == {"history-system"}
+
+
+async def test_every_route_of_the_table_is_served_by_the_app(app: FastAPI) -> None:
+    served = {
+        (method, route.path, route.endpoint)
+        for route in app.router.routes
+        if isinstance(route, APIRoute)
+        for method in route.methods
+    }
+    assert served == {(route.method, BASE + route.path, route.handler) for route in ROUTES}
