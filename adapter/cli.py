@@ -2,11 +2,12 @@
 
     spfhir validate PATH... [--format text|json|junit] [--quiet] [-o OUTPUT]
     spfhir convert INPUT --to json|xml [--pretty] [-o OUTPUT]
+    spfhir serve [--host H] [--port P] [--database URL] [--workers N] [--demo]
     spfhir --version
 
 Exit codes (validate): 0 every input is valid, 1 some input has an error issue, 2 a usage error or
 an input that could not be read (reported on stderr as ``error: FILE: reason``, one line each; the
-other inputs are still validated). ``convert`` exits 0 or 2.
+other inputs are still validated). ``convert`` and ``serve`` exit 0 or 2.
 
 Start-up time matters (the command runs once per file in pre-commit hooks and CI jobs): this module
 imports only typer at import time; the validator, the codecs and rich are imported inside the
@@ -337,6 +338,42 @@ def convert(
     if not data.endswith(b"\n"):
         data += b"\n"
     _write_output(output, data)
+
+
+# -- serve -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option("--host", help="Address to listen on [default: 127.0.0.1].", show_default=False)
+    ] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port [default: 8080].", show_default=False)] = None,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            "--database",
+            help="sqlite:///PATH, sqlite://:memory: or postgresql://... [default: sqlite:///./spfhir.db].",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Server processes [default: 1].", show_default=False)
+    ] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="Load the synthetic demo data set (idempotent).")] = False,
+) -> None:
+    """Serve the FHIR R4 API under /fhir (uvicorn); SPFHIR_* environment variables set the defaults.
+
+    Exit code 2 when it cannot start (bad database URL, port in use).
+    """
+    from adapter.serve import ServeError
+    from adapter.serve import serve as run_server
+
+    try:
+        code = run_server(host=host, port=port, database=database, workers=workers, demo=demo)
+    except ServeError as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
 
 
 # -- entry point -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ runner = CliRunner()
 VALID_PATIENT: dict[str, Any] = {
     "resourceType": "Patient",
     "id": "sp-patient-2",
-    "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9000000009"}],
+    "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9990000018"}],
     "gender": "female",
     "birthDate": "1990-01-31",
 }

@@ -68,7 +68,7 @@ def test_xml_and_json_examples_parse_to_the_same_resource() -> None:
     assert from_xml.error is None and from_json.error is None
     assert from_xml.resource == from_json.resource
     assert from_json.resource is not None
-    assert from_json.resource["identifier"][0]["value"] == "9000000009"
+    assert from_json.resource["identifier"][0]["value"] == "9990000018"
 
 
 # -- discovery ---------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ VALIDATOR = StructuralValidator()
 PATIENT: dict[str, Any] = {
     "resourceType": "Patient",
     "id": "p1",
-    "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9000000009"}],
+    "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9990000018"}],
     "name": [{"family": "O'Brien", "given": ["Anne", "Marie"]}],
     "gender": "female",
     "birthDate": "1970-01-01",

@@ -459,7 +459,7 @@ HANDWRITTEN = f"""<?xml version="1.0" encoding="UTF-8"?>
   <identifier>
     <use value="usual"/>
     <system value="https://fhir.nhs.uk/Id/nhs-number"/>
-    <value value="9000000009"/>
+    <value value="9990000018"/>
   </identifier>
   <active value="true"/>
   <name id="n1">
@@ -508,7 +508,7 @@ def test_handwritten_patient() -> None:
                 "valueCodeableConcept": {"coding": [{"system": "http://example.org/importance", "code": "VIP"}]},
             }
         ],
-        "identifier": [{"use": "usual", "system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9000000009"}],
+        "identifier": [{"use": "usual", "system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9990000018"}],
         "active": True,
         "name": [
             {"id": "n1", "use": "official", "family": "Chalmers", "given": ["Peter", "James"]},

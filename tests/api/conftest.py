@@ -46,10 +46,10 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def patient(**extra: Any) -> dict[str, Any]:
-    """A synthetic patient (test NHS number 9000000009)."""
+    """A synthetic patient (test NHS number 9990000018)."""
     resource: dict[str, Any] = {
         "resourceType": "Patient",
-        "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9000000009"}],
+        "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9990000018"}],
         "name": [{"family": "Testpatient", "given": ["Alex"]}],
         "gender": "unknown",
         "birthDate": "1980-01-01",

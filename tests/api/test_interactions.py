@@ -93,12 +93,12 @@ async def test_update_makes_a_new_version_and_vread_keeps_the_old_one(client: ht
 
 async def test_update_with_a_new_client_id_creates_the_resource(client: httpx.AsyncClient) -> None:
     response = await client.put(
-        "/fhir/Patient/sp-9000000009", content=as_json(patient(id="sp-9000000009")), headers={"Content-Type": FHIR_JSON}
+        "/fhir/Patient/sp-9990000018", content=as_json(patient(id="sp-9990000018")), headers={"Content-Type": FHIR_JSON}
     )
     assert response.status_code == 201
-    assert response.json()["id"] == "sp-9000000009"
-    assert response.headers["location"] == "http://test/fhir/Patient/sp-9000000009/_history/1"
-    assert (await client.get("/fhir/Patient/sp-9000000009")).status_code == 200
+    assert response.json()["id"] == "sp-9990000018"
+    assert response.headers["location"] == "http://test/fhir/Patient/sp-9990000018/_history/1"
+    assert (await client.get("/fhir/Patient/sp-9990000018")).status_code == 200
 
 
 async def test_update_with_the_current_if_match_succeeds(client: httpx.AsyncClient) -> None:
@@ -221,7 +221,7 @@ async def test_xml_body_as_application_xml(client: httpx.AsyncClient) -> None:
         "/fhir/Patient", content=xml_format.dumps(patient()), headers={"Content-Type": "application/xml"}
     )
     assert response.status_code == 201
-    assert response.json()["identifier"][0]["value"] == "9000000009"
+    assert response.json()["identifier"][0]["value"] == "9990000018"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,91 @@
+"""Settings of the adapter: one pydantic-settings model read from ``SPFHIR_*`` environment variables.
+
+This is the only module that reads the environment for configuration (architecture: settings.py).
+
+    SPFHIR_DATABASE        sqlite:///PATH (default sqlite:///./spfhir.db), sqlite://:memory:,
+                           or postgresql://USER:PASSWORD@HOST:PORT/DB
+    SPFHIR_HOST            address to listen on (default 127.0.0.1)
+    SPFHIR_PORT            port (default 8080)
+    SPFHIR_WORKERS         server processes (default 1)
+    SPFHIR_MAX_BODY_BYTES  largest accepted request body (default 10 MB)
+    SPFHIR_DEMO            load the synthetic demo data set at start-up (default false)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from adapter.store import ResourceStore
+
+__all__ = ["DatabaseURLError", "Settings", "open_store", "sqlite_path"]
+
+SQLITE_PREFIX = "sqlite://"
+POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+MEMORY = ":memory:"
+
+
+class DatabaseURLError(ValueError):
+    """A database URL the adapter cannot use; the message is one line, meant for a user."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPFHIR_", extra="ignore")
+
+    database: str = "sqlite:///./spfhir.db"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+    max_body_bytes: int = Field(default=10_000_000, ge=1)
+    demo: bool = False
+
+    @field_validator("database")
+    @classmethod
+    def _check_database(cls, value: str) -> str:
+        check_database_url(value)
+        return value
+
+
+def sqlite_path(database: str) -> str | None:
+    """The file (or ``:memory:``) of a ``sqlite://`` URL; None for any other URL."""
+    if not database.startswith(SQLITE_PREFIX):
+        return None
+    rest = database[len(SQLITE_PREFIX) :]
+    if rest == MEMORY:
+        return MEMORY
+    if rest.startswith("/") and len(rest) > 1:
+        return rest[1:]  # sqlite:///relative/path -> relative/path; sqlite:////abs -> /abs
+    raise DatabaseURLError(f"bad SQLite URL {database!r}: use sqlite:///PATH or sqlite://:memory:")
+
+
+def check_database_url(database: str) -> None:
+    """Raise :class:`DatabaseURLError` unless ``database`` is a URL :func:`open_store` accepts."""
+    if sqlite_path(database) is not None:
+        return
+    if database.startswith(POSTGRES_PREFIXES) and len(database) > database.index("://") + 3:
+        return
+    raise DatabaseURLError(
+        f"unsupported database URL {database!r}: use sqlite:///PATH, sqlite://:memory: or postgresql://..."
+    )
+
+
+def open_store(database: str) -> ResourceStore:
+    """The store for ``database``: :class:`SQLiteStore` for ``sqlite://``, :class:`PostgresStore` for
+    ``postgresql://`` (connects on first use). Raises :class:`DatabaseURLError` for anything else."""
+    check_database_url(database)
+    path = sqlite_path(database)
+    if path is not None:
+        import sqlite3
+
+        from adapter.store.sqlite import SQLiteStore
+
+        try:
+            return SQLiteStore(path)
+        except sqlite3.Error as exc:
+            raise DatabaseURLError(f"cannot open SQLite database {path!r}: {exc}") from exc
+    from adapter.store.postgres import PostgresStore
+
+    return PostgresStore(database)
