@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
@@ -21,12 +17,11 @@ pytest.importorskip("psycopg", reason="psycopg is not installed")
 
 import psycopg
 
-from adapter.store import Conflict, Gone, NotFound, Operation, VersionConflict
+from adapter.store import Conflict, Gone, NotFound, VersionConflict
 from adapter.store.postgres import PostgresStore
+from tests.store import killed_writer
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_everything_survives_reconnecting(postgres_dsn: str) -> None:
@@ -134,45 +129,6 @@ async def test_a_closed_store_refuses_work(postgres_dsn: str) -> None:
         await store.read("Patient", "p1")
 
 
-# The writer: 5,000 creates in one transaction. Each create serialises its resource with
-# ``dumps``; the patched ``dumps`` says INSIDE after 4,000 of them (and, when asked, then waits
-# to be killed), so the kill lands inside the transaction after many rows have been written.
-WRITER = textwrap.dedent(
-    """
-    import asyncio, sys, time
-    import adapter.store.postgres as module
-    from adapter.store import Operation
-    from adapter.store.postgres import PostgresStore
-
-    dsn, pause = sys.argv[1], sys.argv[2] == "pause"
-    real_dumps, calls = module.dumps, 0
-
-    def dumps(resource):
-        global calls
-        calls += 1
-        if calls == 4000:
-            print("INSIDE", flush=True)
-            if pause:
-                time.sleep(60)
-        return real_dumps(resource)
-
-    module.dumps = dumps
-
-    async def main():
-        store = PostgresStore(dsn)
-        operations = [
-            Operation.create({"resourceType": "Observation", "status": "final", "note": [{"text": "x" * 1000}]})
-            for _ in range(5000)
-        ]
-        await store.transaction(operations)
-        await store.close()
-        print("DONE", flush=True)
-
-    asyncio.run(main())
-    """
-)
-
-
 def writer_backends(dsn: str) -> list[tuple[str, int]]:
     """Other sessions' state and how many rows their open transaction has written so far."""
     with psycopg.connect(dsn) as raw:
@@ -187,26 +143,15 @@ async def test_a_writer_killed_mid_transaction_leaves_all_or_nothing(postgres_ds
     async with PostgresStore(postgres_dsn) as store:
         before = await store.create({"resourceType": "Patient"})
 
-    process = subprocess.Popen(
-        [sys.executable, "-c", WRITER, postgres_dsn, "pause" if killed else "go"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        lines = [process.stdout.readline().strip()]
-        assert lines == ["INSIDE"]
-        if killed:
-            # The writer sits inside its transaction with 3,999 creates (7,998 rows) written.
-            assert [state for state, _ in writer_backends(postgres_dsn)] == ["idle in transaction"]
-            process.send_signal(signal.SIGKILL)
-        out, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    lines += out.split()
+    parts = psycopg.conninfo.conninfo_to_dict(postgres_dsn)
+    url = f"postgresql://{parts['user']}@{parts['host']}:{parts['port']}/{parts['dbname']}"
+    process, lines = killed_writer.start(url, pause=killed)
+    assert lines == ["INSIDE"]
+    if killed:
+        # The writer sits inside its transaction with 3,999 creates (7,998 rows) written.
+        assert [state for state, _ in writer_backends(postgres_dsn)] == ["idle in transaction"]
+        process.send_signal(signal.SIGKILL)
+    lines = killed_writer.finish(process, lines, timeout=120)
 
     if killed:
         assert process.returncode == -signal.SIGKILL
@@ -221,9 +166,4 @@ async def test_a_writer_killed_mid_transaction_leaves_all_or_nothing(postgres_ds
         assert lines == ["INSIDE", "DONE"]
 
     async with PostgresStore(postgres_dsn) as store:
-        observations = await store.history("Observation")
-        assert len(observations) == (0 if killed else 5000)
-        assert await store.read("Patient", before["id"]) == before
-        results = await store.transaction([Operation.create({"resourceType": "Patient"})])
-        assert results[0].created is True
-        assert len(await store.history()) == len(observations) + 2
+        await killed_writer.check_all_or_nothing(store, before, killed)

@@ -6,20 +6,16 @@ import asyncio
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
-import textwrap
 import threading
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from adapter.store import Conflict, Gone, Operation, SQLiteStore, VersionConflict
+from adapter.store import Conflict, Gone, SQLiteStore, VersionConflict
+from tests.store import killed_writer
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_a_file_store_keeps_everything_across_reopen(tmp_path: Path) -> None:
@@ -92,73 +88,17 @@ async def test_a_closed_store_refuses_work() -> None:
         await store.read("Patient", "p1")
 
 
-# The writer: 5,000 creates in one transaction. Each create serialises its resource with
-# ``dumps``; the patched ``dumps`` says INSIDE after 4,000 of them (and, when asked, then waits
-# to be killed), so the kill lands inside the transaction after many rows have been written.
-WRITER = textwrap.dedent(
-    """
-    import asyncio, sys, time
-    import adapter.store.sqlite as module
-    from adapter.store import Operation, SQLiteStore
-
-    path, pause = sys.argv[1], sys.argv[2] == "pause"
-    real_dumps, calls = module.dumps, 0
-
-    def dumps(resource):
-        global calls
-        calls += 1
-        if calls == 4000:
-            print("INSIDE", flush=True)
-            if pause:
-                time.sleep(60)
-        return real_dumps(resource)
-
-    module.dumps = dumps
-
-    async def main():
-        store = SQLiteStore(path)
-        operations = [
-            Operation.create({"resourceType": "Observation", "status": "final", "note": [{"text": "x" * 1000}]})
-            for _ in range(5000)
-        ]
-        await store.transaction(operations)
-        await store.close()
-        print("DONE", flush=True)
-
-    asyncio.run(main())
-    """
-)
-
-
-def run_writer(path: Path, pause: bool) -> tuple[subprocess.Popen[str], list[str]]:
-    process = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(path), "pause" if pause else "go"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    lines = [process.stdout.readline().strip()]
-    return process, lines
-
-
 @pytest.mark.parametrize("killed", [True, False], ids=["killed", "completed"])
 async def test_a_writer_killed_mid_transaction_leaves_all_or_nothing(tmp_path: Path, killed: bool) -> None:
     path = tmp_path / "store.db"
     async with SQLiteStore(path) as store:
         before = await store.create({"resourceType": "Patient"})
 
-    process, lines = run_writer(path, pause=killed)
-    try:
-        assert lines == ["INSIDE"]
-        if killed:
-            process.send_signal(signal.SIGKILL)
-        out, _ = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    lines += out.split()
+    process, lines = killed_writer.start(f"sqlite:///{path}", pause=killed)
+    assert lines == ["INSIDE"]
+    if killed:
+        process.send_signal(signal.SIGKILL)
+    lines = killed_writer.finish(process, lines, timeout=60)
 
     if killed:
         assert process.returncode == -signal.SIGKILL
@@ -170,12 +110,7 @@ async def test_a_writer_killed_mid_transaction_leaves_all_or_nothing(tmp_path: P
         assert lines == ["INSIDE", "DONE"]
 
     async with SQLiteStore(path) as store:
-        observations = await store.history("Observation")
-        assert len(observations) == (0 if killed else 5000)
-        assert await store.read("Patient", before["id"]) == before
-        results = await store.transaction([Operation.create({"resourceType": "Patient"})])
-        assert results[0].created is True
-        assert len(await store.history()) == len(observations) + 2
+        await killed_writer.check_all_or_nothing(store, before, killed)
 
 
 async def test_a_store_that_cannot_open_raises_and_leaves_no_worker(tmp_path: Path) -> None:

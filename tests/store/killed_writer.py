@@ -1,0 +1,91 @@
+"""A writer process for the "killed mid-transaction" tests of every store.
+
+Run as ``python tests/store/killed_writer.py DATABASE_URL pause|go``: it opens the store for the URL
+(``adapter.settings.open_store``) and applies 5,000 creates in one transaction. Each create serialises
+its resource with ``dumps``; the patched ``dumps`` prints INSIDE after 4,000 of them (and with ``pause``
+then waits to be killed), so the kill lands inside the transaction after many rows have been written.
+The helpers below start it and check the store afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+CREATES = 5000
+SIGNAL_AT = 4000
+
+
+def start(database: str, pause: bool) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start the writer and wait for its INSIDE line; returns the process and the lines so far."""
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), database, "pause" if pause else "go"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    return process, [process.stdout.readline().strip()]
+
+
+def finish(process: subprocess.Popen[str], lines: list[str], timeout: float) -> list[str]:
+    """Wait for the writer to end (killing it if it outlives the timeout); all its lines."""
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return lines + out.split()
+
+
+async def check_all_or_nothing(store: Any, before: dict[str, Any], killed: bool) -> None:
+    """The store holds all of the writer's transaction or none of it, and still works."""
+    observations = await store.history("Observation")
+    assert len(observations) == (0 if killed else CREATES)
+    assert await store.read("Patient", before["id"]) == before
+    from adapter.store import Operation
+
+    results = await store.transaction([Operation.create({"resourceType": "Patient"})])
+    assert results[0].created is True
+    assert len(await store.history()) == len(observations) + 2
+
+
+def _main(database: str, pause: bool) -> None:
+    from adapter.settings import open_store
+    from adapter.store import Operation
+
+    store = open_store(database)
+    module = sys.modules[type(store).__module__]
+    real_dumps, calls = module.dumps, 0
+
+    def dumps(resource: Any) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == SIGNAL_AT:
+            print("INSIDE", flush=True)
+            if pause:
+                time.sleep(60)
+        return bytes(real_dumps(resource))
+
+    module.dumps = dumps  # type: ignore[attr-defined]
+
+    async def run() -> None:
+        operations = [
+            Operation.create({"resourceType": "Observation", "status": "final", "note": [{"text": "x" * 1000}]})
+            for _ in range(CREATES)
+        ]
+        await store.transaction(operations)
+        await store.close()
+        print("DONE", flush=True)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], sys.argv[2] == "pause")
