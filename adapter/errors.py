@@ -12,9 +12,13 @@ rendered once: by the API's exception handler as an OperationOutcome, by the CLI
      |    +-- InputTooLargeError   (413, too-costly)  over a size or depth limit
      |    +-- UnknownTypeError     (400, not-supported) resourceType that R4 does not define
      +-- ValidationFailed          (422, processing)  carries the issues that failed validation
-     +-- store errors, declared with the ResourceStore seam (adapter/store/base.py):
-          NotFound (404, not-found), Gone (410, deleted), VersionConflict (412, conflict),
-          Conflict (409, conflict)
+     +-- NotFound                  (404, not-found)   no such resource or version (store)
+     +-- UnknownResourceType       (404, not-supported) a URL names a type R4 does not have (API)
+     +-- Gone                      (410, deleted)     the resource or version is deleted (store)
+     +-- VersionConflict           (412, conflict)    If-Match names another version (store)
+     +-- Conflict                  (409, conflict)    clashes with the store's state or another change
+     +-- NotAcceptable             (406, not-supported) no response format the client accepts (API)
+     +-- UnsupportedMediaType      (415, not-supported) a request body in a format we do not read (API)
 """
 
 from __future__ import annotations
@@ -23,12 +27,19 @@ from typing import Any
 
 __all__ = [
     "AdapterError",
+    "Conflict",
+    "Gone",
     "InputError",
     "InputTooLargeError",
+    "NotAcceptable",
+    "NotFound",
     "ParseError",
+    "UnknownResourceType",
     "UnknownTypeError",
     "UnsafeXmlError",
+    "UnsupportedMediaType",
     "ValidationFailed",
+    "VersionConflict",
 ]
 
 
@@ -80,3 +91,40 @@ class ValidationFailed(AdapterError):
     def __init__(self, message: str, issues: list[dict[str, Any]]) -> None:
         super().__init__(message)
         self.issues = issues
+
+
+class NotFound(AdapterError):
+    issue_code = "not-found"
+    status = 404
+
+
+class UnknownResourceType(AdapterError):
+    issue_code = "not-supported"
+    status = 404
+
+
+class Gone(AdapterError):
+    issue_code = "deleted"
+    status = 410
+
+
+class VersionConflict(AdapterError):
+    """If-Match named another version than the current one (https://hl7.org/fhir/R4/http.html#concurrency)."""
+
+    issue_code = "conflict"
+    status = 412
+
+
+class Conflict(AdapterError):
+    issue_code = "conflict"
+    status = 409
+
+
+class NotAcceptable(AdapterError):
+    issue_code = "not-supported"
+    status = 406
+
+
+class UnsupportedMediaType(AdapterError):
+    issue_code = "not-supported"
+    status = 415

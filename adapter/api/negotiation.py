@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from fastapi import Request, Response
 
-from adapter.errors import AdapterError, InputError, InputTooLargeError
+from adapter.errors import InputError, InputTooLargeError, NotAcceptable, UnsupportedMediaType
 from adapter.fhir import json_format, xml_format
 
 __all__ = [
@@ -26,16 +26,6 @@ __all__ = [
 ]
 
 Format = Literal["json", "xml"]
-
-
-class NotAcceptable(AdapterError):
-    issue_code = "not-supported"
-    status = 406
-
-
-class UnsupportedMediaType(AdapterError):
-    issue_code = "not-supported"
-    status = 415
 
 
 _MEDIA_TYPES: dict[str, Format] = {

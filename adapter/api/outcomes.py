@@ -1,13 +1,7 @@
 """Errors of the REST API, and the one place where every error becomes an OperationOutcome.
 
-The API adds a few HTTP-only errors to the adapter's tree (:mod:`adapter.errors`)::
-
-    AdapterError
-     +-- UnknownResourceType   (404, not-supported)  the URL names a type that R4 does not define
-     +-- NotAcceptable         (406, not-supported)  no format in _format / Accept that we can write
-     +-- UnsupportedMediaType  (415, not-supported)  a request body that is neither FHIR JSON nor XML
-
-(the last two are declared in :mod:`adapter.api.negotiation`, which raises them.)
+The HTTP-only errors (UnknownResourceType 404, NotAcceptable 406, UnsupportedMediaType 415) stand in
+the adapter's one tree (:mod:`adapter.errors`) and are re-exported here.
 
 :func:`install` registers the exception handlers that render every error of every route as an
 OperationOutcome in the negotiated format: the adapter's own errors, Starlette's 404/405, FastAPI's
@@ -26,15 +20,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
-from adapter.api.negotiation import NotAcceptable, UnsupportedMediaType, error_format, render
-from adapter.errors import AdapterError, ValidationFailed
+from adapter.api.negotiation import error_format, render
+from adapter.errors import AdapterError, NotAcceptable, UnknownResourceType, UnsupportedMediaType, ValidationFailed
 
 __all__ = ["NotAcceptable", "UnknownResourceType", "UnsupportedMediaType", "install", "outcome"]
-
-
-class UnknownResourceType(AdapterError):
-    issue_code = "not-supported"
-    status = 404
 
 
 # Issue codes for HTTP errors raised by the framework itself (https://hl7.org/fhir/R4/valueset-issue-type.html).

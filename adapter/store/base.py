@@ -12,7 +12,7 @@ Implementations:
 
 Search is not part of the seam yet (a later slice adds index tables derived from SearchParameters).
 
-Errors (subclasses of :class:`adapter.errors.AdapterError`)::
+Errors (from the one tree in :mod:`adapter.errors`, re-exported here)::
 
     AdapterError
      +-- NotFound          (404, not-found)  no such resource or version
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from adapter.errors import AdapterError
+from adapter.errors import Conflict, Gone, NotFound, VersionConflict
 
 __all__ = [
     "Conflict",
@@ -47,28 +47,6 @@ __all__ = [
 
 Resource = dict[str, Any]
 """One resource as parsed FHIR JSON (decimals as :class:`decimal.Decimal`)."""
-
-
-class NotFound(AdapterError):
-    issue_code = "not-found"
-    status = 404
-
-
-class Gone(AdapterError):
-    issue_code = "deleted"
-    status = 410
-
-
-class VersionConflict(AdapterError):
-    """If-Match named another version than the current one (https://hl7.org/fhir/R4/http.html#concurrency)."""
-
-    issue_code = "conflict"
-    status = 412
-
-
-class Conflict(AdapterError):
-    issue_code = "conflict"
-    status = 409
 
 
 @dataclass(frozen=True, slots=True)
