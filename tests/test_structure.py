@@ -231,3 +231,19 @@ def test_deep_nesting_is_an_issue_not_a_crash() -> None:
         item = child
     found = errors(root)
     assert found and found[0].code == "too-costly"
+
+
+def test_invariants_on_primitive_elements_are_evaluated() -> None:
+    # eld-3 sits on ElementDefinition.max, a string: "empty() or ($this = '*') or (toInteger() >= 0)"
+    structure = {
+        "resourceType": "StructureDefinition",
+        "url": "http://example.org/StructureDefinition/y",
+        "name": "Y",
+        "status": "draft",
+        "kind": "logical",
+        "abstract": True,
+        "type": "Y",
+        "differential": {"element": [{"id": "Y", "path": "Y", "max": "-1"}]},
+    }
+    found = [(i.code, i.expression) for i in errors(structure) if i.diagnostics.startswith("eld-3")]
+    assert found == [("invariant", "StructureDefinition.differential.element[0].max")]

@@ -168,7 +168,8 @@ def _index() -> dict[str, Any]:
 
 def _types() -> dict[str, Any]:
     """Summary of every R4 type: kind, base, abstract, JSON kind (not the elements)."""
-    return dict(_index()["types"])
+    types: dict[str, Any] = _index()["types"]
+    return types
 
 
 @cache

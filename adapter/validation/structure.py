@@ -30,6 +30,7 @@ from adapter.validation.base import Issue
 from adapter.validation.invariants import InvariantChecker, elements_for, elements_for_primitive
 from adapter.validation.paths import Path, render
 from adapter.validation.paths import index as at
+from adapter.validation.xhtml import check_xhtml
 
 __all__ = ["StructuralValidator"]
 
@@ -293,6 +294,8 @@ class _Walk:
         if kind == PRIMITIVE:
             if value is not None:  # a null stands for "extension only"; checked with the _ part
                 self.primitive(value, spec, path)
+                if spec.prim_inv and self.env is not None:  # invariants on a primitive element (eld-3)
+                    self.invariants.check(value, spec.prim_inv, path, self.env, self.issues)
         elif kind == COMPLEX:
             table = _table(spec.ctx or spec.context())
             self.complex(value, table, path, spec.inv or ())
@@ -321,8 +324,6 @@ class _Walk:
                 self.error("value", f"Invalid {type_code} value {_show(value)}", path)
             elif type_code == "code" and value != value.strip():
                 self.error("value", f"Code {_show(value)} has leading or trailing whitespace", path)
-            if spec.prim_inv and self.env is not None:
-                self.invariants.check(value, spec.prim_inv, path, self.env, self.issues)
         elif kind == "boolean":
             if value.__class__ is not bool:
                 self.error("structure", f"Expected true or false for boolean, got {_show(value)}", path)
@@ -336,8 +337,6 @@ class _Walk:
             self.error("structure", f"Expected a JSON number for decimal, got {_show(value)}", path)
 
     def xhtml(self, value: str, path: Path) -> None:
-        from adapter.validation.xhtml import check_xhtml
-
         problem = check_xhtml(value)
         if problem:
             self.error("value", f"Invalid narrative xhtml: {problem}", path)
