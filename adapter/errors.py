@@ -48,6 +48,8 @@ class AdapterError(Exception):
 
     issue_code = "exception"
     status = 500
+    #: Set by a store's transaction: the index of the operation that failed.
+    operation: int | None = None
 
     def __init__(self, message: str, *, expression: str | None = None) -> None:
         super().__init__(message)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapter.fhir import model
 from adapter.fhir.model import value_set_codes
+from adapter.search.parameters import parameters_for
 
 if TYPE_CHECKING:
     from adapter.api.interactions import Route
@@ -43,25 +44,62 @@ def _software_version() -> str:
         return "unknown"
 
 
+@cache
+def _search_params(type: str) -> tuple[dict[str, str], ...]:
+    return tuple(
+        {"name": param.code, "definition": param.url, "type": param.type}
+        for param in sorted(parameters_for(type).values(), key=lambda p: p.code)
+        if param.supported
+    )
+
+
+@cache
+def _includes(type: str) -> tuple[list[str], list[str]]:
+    """``_include`` values of ``type``, and ``_revinclude`` values that point at it."""
+    includes = [f"{type}:{p['name']}" for p in _search_params(type) if p["type"] == "reference"]
+    revincludes = [
+        f"{other}:{param.code}"
+        for other in sorted(resource_types())
+        for param in sorted(parameters_for(other).values(), key=lambda p: p.code)
+        if param.type == "reference" and param.supported and (not param.targets or type in param.targets)
+    ]
+    return includes, revincludes
+
+
 def capability_statement(routes: Iterable[Route], base_url: str) -> dict[str, Any]:
     """A CapabilityStatement (kind ``instance``) that declares exactly the interactions of ``routes``.
 
-    Every R4 resource type supports every type- and instance-level interaction in the table.
+    Every R4 resource type supports every type- and instance-level interaction in the table, with
+    the search parameters of :mod:`adapter.search.parameters` that the store supports.
     """
     routes = list(routes)
-    per_type = [route.interaction for route in routes if route.level != "system"]
-    system = [route.interaction for route in routes if route.interaction in _SYSTEM_INTERACTIONS]
-    resource = [
-        {
+    per_type = list(dict.fromkeys(route.interaction for route in routes if route.level != "system"))
+    system = list(
+        dict.fromkeys(
+            code for route in routes for code in (route.interaction, *route.also) if code in _SYSTEM_INTERACTIONS
+        )
+    )
+    searching = "search-type" in per_type
+    resource = []
+    for type in sorted(resource_types()):
+        entry: dict[str, Any] = {
             "type": type,
             "profile": f"http://hl7.org/fhir/StructureDefinition/{type}",
             "interaction": [{"code": code} for code in per_type],
             "versioning": "versioned-update",
             "readHistory": "vread" in per_type,
             "updateCreate": "update" in per_type,
+            "conditionalCreate": "create" in per_type,
+            "conditionalUpdate": "update" in per_type,
         }
-        for type in sorted(resource_types())
-    ]
+        if searching:
+            includes, revincludes = _includes(type)
+            if includes:
+                entry["searchInclude"] = includes
+            if revincludes:
+                entry["searchRevInclude"] = revincludes
+            entry["searchParam"] = list(_search_params(type))
+        resource.append(entry)
     rest: dict[str, Any] = {"mode": "server", "resource": resource}
     if system:
         rest["interaction"] = [{"code": code} for code in system]

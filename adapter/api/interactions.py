@@ -9,99 +9,39 @@ store (injected by :func:`adapter.api.app.create_app`) and render; parsing lives
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from email.utils import format_datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Query, Request, Response
 
-from adapter.api.capability import capability_statement, resource_types
-from adapter.api.negotiation import read_resource, render, response_format
-from adapter.api.outcomes import UnknownResourceType
-from adapter.errors import InputError, ValidationFailed
-from adapter.store import HistoryEntry, NotFound, Resource, ResourceStore
-from adapter.validation import Validator
+from adapter.api import json_patch
+from adapter.api.bundles import process_bundle
+from adapter.api.capability import capability_statement
+from adapter.api.context import (
+    BASE,
+    Services,
+    base_url,
+    check_id,
+    check_type,
+    condition,
+    incoming,
+    services,
+    validated,
+    version_headers,
+    written,
+)
+from adapter.api.json_patch import JSON_PATCH
+from adapter.api.negotiation import read_body, render, response_format
+from adapter.api.search import get_pages, search_type, search_type_post
+from adapter.errors import InputError, UnsupportedMediaType, VersionConflict
+from adapter.store import HistoryEntry, NotFound, Operation, Resource
 
 __all__ = ["BASE", "ROUTES", "Route", "Services"]
 
-#: Where the FHIR API is mounted; the service base URL is the server's address plus this.
-BASE = "/fhir"
-
-# https://hl7.org/fhir/R4/datatypes.html#id
-_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-
-
-@dataclass(frozen=True, slots=True)
-class Services:
-    """What the handlers use, injected by the app factory (style rule 2)."""
-
-    store: ResourceStore
-    validator: Validator
-    max_body_bytes: int
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
-def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/") + BASE
-
-
-def _check_type(type: str) -> None:
-    if type not in resource_types():
-        raise UnknownResourceType(f"{type!r} is not an R4 resource type")
-
-
-def _check_id(id: str, what: str = "id") -> None:
-    if not _ID.fullmatch(id):
-        raise InputError(f"{id!r} is not a valid {what} (1-64 of A-Z a-z 0-9 - .)", expression=what)
-
-
-def _version_headers(base: str, resource: Resource, location: bool = False) -> dict[str, str]:
-    """ETag, Last-Modified and, for writes, Location (https://hl7.org/fhir/R4/http.html#create)."""
-    meta = resource["meta"]
-    last_updated = datetime.fromisoformat(meta["lastUpdated"])
-    headers = {"ETag": f'W/"{meta["versionId"]}"', "Last-Modified": format_datetime(last_updated, usegmt=True)}
-    if location:
-        headers["Location"] = f"{base}/{resource['resourceType']}/{resource['id']}/_history/{meta['versionId']}"
-    return headers
-
-
-async def _incoming(request: Request, type: str) -> Resource:
-    """The request's resource: parsed, of the URL's type, and structurally valid (else 422)."""
-    services = _services(request)
-    resource = await read_resource(request, services.max_body_bytes)
-    if resource.get("resourceType") != type:
-        raise InputError(
-            f"the body's resourceType {resource.get('resourceType')!r} is not the URL's {type!r}",
-            expression="resourceType",
-        )
-    issues = services.validator.validate(resource)
-    if any(issue.is_error for issue in issues):
-        raise ValidationFailed(f"the {type} is not valid", [issue.to_fhir() for issue in issues])
-    return resource
-
-
-def _written(request: Request, stored: Resource, status: int) -> Response:
-    """The answer to a create or update, as ``Prefer: return=`` asks (https://hl7.org/fhir/R4/http.html#ops)."""
-    fmt = response_format(request)
-    headers = _version_headers(_base(request), stored, location=True)
-    prefer = request.headers.get("prefer", "").replace(" ", "").lower()
-    body: dict[str, Any] | None = stored
-    if "return=minimal" in prefer:
-        body = None
-    elif "return=operationoutcome" in prefer:
-        body = {
-            "resourceType": "OperationOutcome",
-            "issue": [{"severity": "information", "code": "informational", "diagnostics": "All OK"}],
-        }
-    return render(body, fmt, status, headers)
-
+# Reads and re-applies of a PATCH without If-Match that keeps meeting concurrent changes.
+_PATCH_ATTEMPTS = 5
 
 # --------------------------------------------------------------------------------------------
 # Handlers, one per interaction
@@ -111,49 +51,107 @@ def _written(request: Request, stored: Resource, status: int) -> Response:
 async def read(request: Request, type: str, id: str) -> Response:
     """See: https://hl7.org/fhir/R4/http.html#read"""
     fmt = response_format(request)
-    _check_type(type)
-    _check_id(id)
-    resource = await _services(request).store.read(type, id)
-    return render(resource, fmt, 200, _version_headers(_base(request), resource))
+    check_type(type)
+    check_id(id)
+    resource = await services(request).store.read(type, id)
+    return render(resource, fmt, 200, version_headers(base_url(request), resource))
+
+
+async def head(request: Request, type: str, id: str) -> Response:
+    """``HEAD``: the headers a read would answer with (ETag, Last-Modified, length), no body
+    (RFC 9110 section 9.3.2; https://hl7.org/fhir/R4/http.html#read)."""
+    answer = await read(request, type, id)
+    return Response(status_code=answer.status_code, headers=dict(answer.headers))
 
 
 async def vread(request: Request, type: str, id: str, vid: str) -> Response:
     """See: https://hl7.org/fhir/R4/http.html#vread"""
     fmt = response_format(request)
-    _check_type(type)
-    _check_id(id)
-    _check_id(vid, "versionId")
-    resource = await _services(request).store.vread(type, id, vid)
-    return render(resource, fmt, 200, _version_headers(_base(request), resource))
+    check_type(type)
+    check_id(id)
+    check_id(vid, "versionId")
+    resource = await services(request).store.vread(type, id, vid)
+    return render(resource, fmt, 200, version_headers(base_url(request), resource))
 
 
 async def create(request: Request, type: str) -> Response:
-    """See: https://hl7.org/fhir/R4/http.html#create (an id in the body is ignored)."""
+    """See: https://hl7.org/fhir/R4/http.html#create (an id in the body is ignored) and, with
+    ``If-None-Exist``, https://hl7.org/fhir/R4/http.html#ccreate (200 with the existing resource)."""
     response_format(request)
-    _check_type(type)
-    resource = await _incoming(request, type)
-    stored = await _services(request).store.create(resource)
-    return _written(request, stored, 201)
+    check_type(type)
+    resource = await incoming(request, type)
+    store = services(request).store
+    if_none_exist = request.headers.get("if-none-exist")
+    if if_none_exist is None:
+        return written(request, await store.create(resource), 201)
+    wanted = condition(type, if_none_exist, "If-None-Exist")
+    result = (await store.transaction([Operation.create(resource, if_none_exist=wanted)]))[0]
+    assert result.resource is not None
+    return written(request, result.resource, 200 if result.matched else 201)
 
 
 async def update(request: Request, type: str, id: str) -> Response:
     """See: https://hl7.org/fhir/R4/http.html#update (create-on-update with the client's id: 201)."""
     response_format(request)
-    _check_type(type)
-    _check_id(id)
-    resource = await _incoming(request, type)
+    check_type(type)
+    check_id(id)
+    resource = await incoming(request, type)
     if resource.get("id") != id:
         raise InputError(f"the body's id {resource.get('id')!r} is not the URL's id {id!r}", expression="id")
-    stored, created = await _services(request).store.update(resource, request.headers.get("if-match"))
-    return _written(request, stored, 201 if created else 200)
+    stored, created = await services(request).store.update(resource, request.headers.get("if-match"))
+    return written(request, stored, 201 if created else 200)
+
+
+async def update_conditional(request: Request, type: str) -> Response:
+    """``PUT [type]?criteria``: https://hl7.org/fhir/R4/http.html#cond-update (none: create, one:
+    update it, several: 412)."""
+    response_format(request)
+    check_type(type)
+    wanted = condition(type, request.url.query, "url")
+    resource = await incoming(request, type)
+    if_match = request.headers.get("if-match")
+    operation = Operation.update(resource, if_match=if_match, condition=wanted)
+    result = (await services(request).store.transaction([operation]))[0]
+    assert result.resource is not None
+    return written(request, result.resource, 201 if result.created else 200)
+
+
+async def patch(request: Request, type: str, id: str) -> Response:
+    """JSON Patch (RFC 6902), https://hl7.org/fhir/R4/http.html#patch.
+
+    The patched resource is validated like any update. Without ``If-Match`` the patch applies to
+    the version it was read from: a concurrent change makes it read and apply again (a few times),
+    so no other writer's change is lost.
+    """
+    response_format(request)
+    check_type(type)
+    check_id(id)
+    found = services(request)
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type != JSON_PATCH:
+        raise UnsupportedMediaType(f"PATCH takes {JSON_PATCH}, not {content_type or 'no Content-Type'}")
+    operations = json_patch.parse(await read_body(request, found.max_body_bytes))
+    if_match = request.headers.get("if-match")
+    for attempt in range(_PATCH_ATTEMPTS):
+        current = await found.store.read(type, id)
+        patched = json_patch.apply(current, operations)
+        validated(found.validator, patched)
+        try:
+            stored, _ = await found.store.update(patched, if_match or current["meta"]["versionId"])
+        except VersionConflict:
+            if if_match is not None or attempt == _PATCH_ATTEMPTS - 1:
+                raise
+            continue
+        return written(request, stored, 200)
+    raise AssertionError("unreachable")
 
 
 async def delete(request: Request, type: str, id: str) -> Response:
     """See: https://hl7.org/fhir/R4/http.html#delete"""
     response_format(request)
-    _check_type(type)
-    _check_id(id)
-    await _services(request).store.delete(type, id, request.headers.get("if-match"))
+    check_type(type)
+    check_id(id)
+    await services(request).store.delete(type, id, request.headers.get("if-match"))
     return Response(status_code=204)
 
 
@@ -165,9 +163,9 @@ Since = Annotated[str | None, Query(alias="_since")]
 async def history_instance(request: Request, type: str, id: str, count: Count = None, since: Since = None) -> Response:
     """See: https://hl7.org/fhir/R4/http.html#history"""
     fmt = response_format(request)
-    _check_type(type)
-    _check_id(id)
-    store = _services(request).store
+    check_type(type)
+    check_id(id)
+    store = services(request).store
     entries = await store.history(type, id, _instant(since), count)
     if not entries and not await store.history(type, id, count=1):
         raise NotFound(f"{type}/{id} is not known")
@@ -177,22 +175,22 @@ async def history_instance(request: Request, type: str, id: str, count: Count = 
 async def history_type(request: Request, type: str, count: Count = None, since: Since = None) -> Response:
     """See: https://hl7.org/fhir/R4/http.html#history"""
     fmt = response_format(request)
-    _check_type(type)
-    entries = await _services(request).store.history(type, None, _instant(since), count)
+    check_type(type)
+    entries = await services(request).store.history(type, None, _instant(since), count)
     return render(_history_bundle(request, entries), fmt, 200)
 
 
 async def history_system(request: Request, count: Count = None, since: Since = None) -> Response:
     """See: https://hl7.org/fhir/R4/http.html#history"""
     fmt = response_format(request)
-    entries = await _services(request).store.history(None, None, _instant(since), count)
+    entries = await services(request).store.history(None, None, _instant(since), count)
     return render(_history_bundle(request, entries), fmt, 200)
 
 
 async def capabilities(request: Request) -> Response:
     """See: https://hl7.org/fhir/R4/http.html#capabilities"""
     fmt = response_format(request)
-    return render(capability_statement(ROUTES, _base(request)), fmt, 200)
+    return render(capability_statement(ROUTES, base_url(request)), fmt, 200)
 
 
 def _instant(since: str | None) -> datetime | None:
@@ -232,7 +230,7 @@ def _history_entry(base: str, entry: HistoryEntry) -> dict[str, Any]:
 
 
 def _history_bundle(request: Request, entries: list[HistoryEntry]) -> Resource:
-    base = _base(request)
+    base = base_url(request)
     bundle: Resource = {
         "resourceType": "Bundle",
         "type": "history",
@@ -261,17 +259,27 @@ class Route:
     interaction: str
     level: Level
     handler: Callable[..., Awaitable[Response]]
+    #: Further interaction codes the route serves (a Bundle POST is both transaction and batch).
+    also: tuple[str, ...] = ()
 
 
 # Order matters where paths overlap: literal segments (_history, metadata) before parameters.
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/metadata", "capabilities", "system", capabilities),
     Route("GET", "/_history", "history-system", "system", history_system),
+    # Paging links of a search ([base]?_getpages=...) are part of search-type.
+    Route("GET", "", "search-type", "type", get_pages),
+    Route("POST", "", "transaction", "system", process_bundle, also=("batch",)),
     Route("GET", "/{type}/_history", "history-type", "type", history_type),
+    Route("POST", "/{type}/_search", "search-type", "type", search_type_post),
+    Route("GET", "/{type}", "search-type", "type", search_type),
     Route("POST", "/{type}", "create", "type", create),
+    Route("PUT", "/{type}", "update", "type", update_conditional),
     Route("GET", "/{type}/{id}/_history", "history-instance", "instance", history_instance),
     Route("GET", "/{type}/{id}/_history/{vid}", "vread", "instance", vread),
     Route("GET", "/{type}/{id}", "read", "instance", read),
+    Route("HEAD", "/{type}/{id}", "read", "instance", head),
     Route("PUT", "/{type}/{id}", "update", "instance", update),
+    Route("PATCH", "/{type}/{id}", "patch", "instance", patch),
     Route("DELETE", "/{type}/{id}", "delete", "instance", delete),
 )

@@ -20,6 +20,7 @@ __all__ = [
     "NotAcceptable",
     "UnsupportedMediaType",
     "error_format",
+    "read_body",
     "read_resource",
     "render",
     "response_format",
@@ -98,7 +99,7 @@ def error_format(request: Request) -> Format:
         return "json"
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
+async def read_body(request: Request, max_bytes: int) -> bytes:
     length = request.headers.get("content-length", "")
     if length.isdecimal() and int(length) > max_bytes:
         raise InputTooLargeError(f"request body larger than {max_bytes:,} bytes")
@@ -120,7 +121,7 @@ async def read_resource(request: Request, max_bytes: int) -> dict[str, Any]:
         raise UnsupportedMediaType(
             f"Content-Type {content_type!r} is not supported; use application/fhir+json or application/fhir+xml"
         )
-    body = await _read_body(request, max_bytes)
+    body = await read_body(request, max_bytes)
     if not body.strip():
         raise InputError("the request has no body; a resource is required")
     resource = json_format.loads(body) if fmt == "json" else xml_format.loads(body)

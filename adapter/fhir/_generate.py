@@ -14,7 +14,8 @@ Output (``adapter/fhir/definitions/``):
 - ``r4-valuesets.json``: the codes of every ValueSet that a *required* binding in those
   types points to, where the expansion can be computed from the package alone.
 - ``r4-fhirpath.json``: the parsed syntax tree (fhirpathpy's grammar) of every invariant's
-  FHIRPath, so that validating needs no ANTLR parse at start-up.
+  FHIRPath and every SearchParameter expression, so that validating and indexing need no ANTLR
+  parse at start-up.
 - ``r4-searchparams.json``: the R4 SearchParameters (code, base, type, expression, targets,
   modifiers, comparators, chains).
 
@@ -297,8 +298,10 @@ def generate(source: Path) -> dict[str, bytes]:
     }
     from adapter.fhir.fhirpath import UnsupportedExpression, parse_fhirpath
 
+    # Invariants, and the SearchParameter expressions that the search index evaluates.
     expressions = sorted(
         {c["expression"] for t in types.values() for e in t["elements"] for c in e.get("constraints", [])}
+        | {sp["expression"] for sp in search_params if sp.get("expression")}
     )
     trees: dict[str, Any] = {}
     for expression in expressions:

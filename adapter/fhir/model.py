@@ -248,7 +248,7 @@ def _fhirpath_trees() -> dict[str, Any]:
 
 
 def fhirpath_tree(expression: str) -> dict[str, Any] | None:
-    """The pre-parsed syntax tree of an R4 invariant's FHIRPath, if it is one."""
+    """The pre-parsed syntax tree of an R4 invariant or SearchParameter expression, if it is one."""
     found = _fhirpath_trees().get(expression)
     return None if found is None else dict(found)
 

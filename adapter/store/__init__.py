@@ -9,6 +9,7 @@ from adapter.store.base import (
     OperationResult,
     Resource,
     ResourceStore,
+    SearchResult,
     VersionConflict,
 )
 from adapter.store.sqlite import SQLiteStore
@@ -23,5 +24,6 @@ __all__ = [
     "Resource",
     "ResourceStore",
     "SQLiteStore",
+    "SearchResult",
     "VersionConflict",
 ]

@@ -97,3 +97,27 @@ def history_entries(rows: Sequence[Sequence[Any]]) -> list[HistoryEntry]:
         )
         for row in rows
     ]
+
+
+def rewrite_references(value: Any, mapping: dict[str, str]) -> Any:
+    """``value`` with every ``reference`` that is a key of ``mapping`` replaced by its value: how a
+    transaction turns ``urn:uuid:`` fullUrls into the ``Type/id`` of what it created
+    (https://hl7.org/fhir/R4/http.html#trules). Returns ``value`` itself when nothing changes."""
+    if isinstance(value, dict):
+        changed: dict[str, Any] | None = None
+        for key, item in value.items():
+            if key == "reference" and isinstance(item, str) and item in mapping:
+                new: Any = mapping[item]
+            elif isinstance(item, dict | list):
+                new = rewrite_references(item, mapping)
+            else:
+                continue
+            if new is not item:
+                if changed is None:
+                    changed = dict(value)
+                changed[key] = new
+        return value if changed is None else changed
+    if isinstance(value, list):
+        items = [rewrite_references(item, mapping) for item in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    return value

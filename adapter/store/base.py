@@ -10,7 +10,10 @@ Implementations:
 
 - :class:`adapter.store.sqlite.SQLiteStore`: embedded default, stdlib ``sqlite3`` in WAL mode.
 
-Search is not part of the seam yet (a later slice adds index tables derived from SearchParameters).
+- :class:`adapter.store.postgres.PostgresStore`: the production store, on PostgreSQL.
+
+Both keep search index tables derived from the R4 SearchParameters (:mod:`adapter.search`) in
+step with every write, and answer :meth:`ResourceStore.search`.
 
 Errors (from the one tree in :mod:`adapter.errors`, re-exported here)::
 
@@ -32,6 +35,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from adapter.errors import Conflict, Gone, NotFound, VersionConflict
+from adapter.search.query import SearchQuery
 
 __all__ = [
     "Conflict",
@@ -42,6 +46,7 @@ __all__ = [
     "OperationResult",
     "Resource",
     "ResourceStore",
+    "SearchResult",
     "VersionConflict",
 ]
 
@@ -51,23 +56,47 @@ Resource = dict[str, Any]
 
 @dataclass(frozen=True, slots=True)
 class Operation:
-    """One change inside :meth:`ResourceStore.transaction`; build it with the class methods."""
+    """One change inside :meth:`ResourceStore.transaction`; build it with the class methods.
+
+    ``condition`` makes it conditional: a create happens only when no resource of the type meets
+    it (``If-None-Exist``), an update goes to the one resource that meets it, or creates one when
+    none does (https://hl7.org/fhir/R4/http.html#cond-update). ``full_url`` is the entry's
+    ``fullUrl`` in a transaction Bundle: references to it in the other resources of the
+    transaction are rewritten to the ``Type/id`` the operation ends up with.
+    """
 
     method: Literal["create", "update", "delete"]
     type: str
     id: str | None = None
     resource: Resource | None = None
     if_match: str | None = None
+    condition: SearchQuery | None = None
+    full_url: str | None = None
 
     @classmethod
-    def create(cls, resource: Resource, *, id: str | None = None) -> Operation:
-        """A create; ``id`` lets the caller fix the new server id in advance (e.g. to resolve
-        ``urn:uuid`` references of a transaction Bundle), otherwise the store assigns a uuid4."""
-        return cls("create", str(resource.get("resourceType", "")), id, resource)
+    def create(
+        cls,
+        resource: Resource,
+        *,
+        id: str | None = None,
+        if_none_exist: SearchQuery | None = None,
+        full_url: str | None = None,
+    ) -> Operation:
+        """A create; ``id`` lets the caller fix the new server id in advance, otherwise the store
+        assigns a uuid4."""
+        return cls("create", str(resource.get("resourceType", "")), id, resource, None, if_none_exist, full_url)
 
     @classmethod
-    def update(cls, resource: Resource, *, if_match: str | None = None) -> Operation:
-        return cls("update", str(resource.get("resourceType", "")), resource.get("id"), resource, if_match)
+    def update(
+        cls,
+        resource: Resource,
+        *,
+        if_match: str | None = None,
+        condition: SearchQuery | None = None,
+        full_url: str | None = None,
+    ) -> Operation:
+        type = str(resource.get("resourceType", ""))
+        return cls("update", type, resource.get("id"), resource, if_match, condition, full_url)
 
     @classmethod
     def delete(cls, type: str, id: str, *, if_match: str | None = None) -> Operation:
@@ -76,13 +105,32 @@ class Operation:
 
 @dataclass(frozen=True, slots=True)
 class OperationResult:
-    """What one operation did: the stored resource (``None`` for a delete) and its new version."""
+    """What one operation did: the stored resource (``None`` for a delete) and its new version.
+
+    ``matched`` marks a conditional create that found its resource already there: nothing was
+    written and ``resource`` is the existing one.
+    """
 
     type: str
     id: str
     version_id: str
     created: bool
     resource: Resource | None
+    matched: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """One page of a search: the matches on it, what ``_include``/``_revinclude`` brought along,
+    the total, and the saved result set (``search_id``) that later pages are read from when there
+    is more than one page."""
+
+    query: SearchQuery
+    total: int
+    resources: list[Resource]
+    included: list[Resource]
+    offset: int = 0
+    search_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +205,27 @@ class ResourceStore(Protocol):
         """Apply creates, updates and deletes all together or not at all; results in input order.
 
         Two operations on the same resource raise :class:`Conflict`; the first failing operation
-        rolls back all of them and its error is raised.
+        rolls back all of them and its error is raised. Conditions are evaluated against the
+        store as it was before the transaction; a conditional update that matches several
+        resources, or a conditional create that matches several, raises :class:`VersionConflict`
+        (412, https://hl7.org/fhir/R4/http.html#cond-update).
         See: https://hl7.org/fhir/R4/http.html#transaction
+        """
+        ...
+
+    async def search(self, query: SearchQuery) -> SearchResult:
+        """The first page of ``query``'s matches (``query.count`` of them) with the total.
+
+        When there are more, the ordered result set is saved under ``search_id`` so that later
+        pages (:meth:`search_page`) stay the same while the data changes.
+        See: https://hl7.org/fhir/R4/search.html
+        """
+        ...
+
+    async def search_page(self, search_id: str, offset: int, count: int) -> SearchResult:
+        """A later page of a saved result set; :class:`Gone` when it has expired.
+
+        See: https://hl7.org/fhir/R4/http.html#paging
         """
         ...
 

@@ -60,11 +60,42 @@ async def test_every_r4_resource_type_is_listed_once(client: httpx.AsyncClient) 
 async def test_the_interactions_are_exactly_those_of_the_routing_table(client: httpx.AsyncClient) -> None:
     rest = (await statement(client))["rest"][0]
     per_type = {route.interaction for route in ROUTES if route.level in ("type", "instance")}
-    assert per_type == {"read", "vread", "create", "update", "delete", "history-instance", "history-type"}
+    assert per_type == {
+        "read",
+        "vread",
+        "create",
+        "update",
+        "patch",
+        "delete",
+        "history-instance",
+        "history-type",
+        "search-type",
+    }
     for resource in rest["resource"]:
         assert sorted(item["code"] for item in resource["interaction"]) == sorted(per_type), resource["type"]
-    system = {route.interaction for route in ROUTES if route.level == "system"} - {"capabilities"}
-    assert {item["code"] for item in rest["interaction"]} == system == {"history-system"}
+    system = {code for route in ROUTES if route.level == "system" for code in (route.interaction, *route.also)} - {
+        "capabilities"
+    }
+    assert {item["code"] for item in rest["interaction"]} == system == {"history-system", "transaction", "batch"}
+
+
+async def test_search_parameters_are_declared_per_type_from_the_r4_definitions(client: httpx.AsyncClient) -> None:
+    resources = {resource["type"]: resource for resource in (await statement(client))["rest"][0]["resource"]}
+    patient = {param["name"]: param for param in resources["Patient"]["searchParam"]}
+    assert patient["identifier"] == {
+        "name": "identifier",
+        "definition": "http://hl7.org/fhir/SearchParameter/Patient-identifier",
+        "type": "token",
+    }
+    assert {"_id", "_lastUpdated", "name", "birthdate", "general-practitioner"} <= set(patient)
+    service_request = {param["name"] for param in resources["ServiceRequest"]["searchParam"]}
+    assert {"patient", "subject", "authored", "status", "identifier", "requester"} <= service_request
+    # Composite parameters are not supported, so not declared.
+    observation = {param["name"]: param["type"] for param in resources["Observation"]["searchParam"]}
+    assert "code-value-quantity" not in observation and observation["value-quantity"] == "quantity"
+    assert "ServiceRequest:patient" in resources["ServiceRequest"]["searchInclude"]
+    assert "Task:focus" in resources["ServiceRequest"]["searchRevInclude"]
+    assert resources["Patient"]["conditionalCreate"] is True and resources["Patient"]["conditionalUpdate"] is True
 
 
 async def test_every_route_of_the_table_is_served_by_the_app(app: FastAPI) -> None:

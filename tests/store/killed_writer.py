@@ -61,7 +61,8 @@ def _main(database: str, pause: bool) -> None:
     from adapter.store import Operation
 
     store = open_store(database)
-    module = sys.modules[type(store).__module__]
+    # Both stores write through adapter.store.sql; pause inside its dumps() mid-transaction.
+    module = sys.modules["adapter.store.sql"]
     real_dumps, calls = module.dumps, 0
 
     def dumps(resource: Any) -> bytes:

@@ -1,0 +1,147 @@
+"""What every handler of the REST API shares: the injected services, the service base URL, URL
+checks, version headers, reading the request's resource and answering a write.
+
+See https://hl7.org/fhir/R4/http.html.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import format_datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import Request, Response
+
+from adapter.api.capability import resource_types
+from adapter.api.negotiation import read_resource, render, response_format
+from adapter.errors import InputError, UnknownResourceType, ValidationFailed
+from adapter.search.query import SearchQuery, parse_search
+from adapter.store import Resource, ResourceStore
+from adapter.validation import Validator
+
+__all__ = [
+    "BASE",
+    "Services",
+    "base_url",
+    "check_id",
+    "check_type",
+    "condition",
+    "incoming",
+    "prefer",
+    "services",
+    "strict_handling",
+    "validated",
+    "version_headers",
+    "written",
+]
+
+#: Where the FHIR API is mounted; the service base URL is the server's address plus this.
+BASE = "/fhir"
+
+# https://hl7.org/fhir/R4/datatypes.html#id
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What the handlers use, injected by the app factory (style rule 2)."""
+
+    store: ResourceStore
+    validator: Validator
+    max_body_bytes: int
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
+
+
+def base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/") + BASE
+
+
+def check_type(type: str) -> None:
+    if type not in resource_types():
+        raise UnknownResourceType(f"{type!r} is not an R4 resource type")
+
+
+def check_id(id: str, what: str = "id") -> None:
+    if not _ID.fullmatch(id):
+        raise InputError(f"{id!r} is not a valid {what} (1-64 of A-Z a-z 0-9 - .)", expression=what)
+
+
+def version_headers(base: str, resource: Resource, location: bool = False) -> dict[str, str]:
+    """ETag, Last-Modified and, for writes, Location (https://hl7.org/fhir/R4/http.html#create)."""
+    meta = resource["meta"]
+    last_updated = datetime.fromisoformat(meta["lastUpdated"])
+    headers = {"ETag": f'W/"{meta["versionId"]}"', "Last-Modified": format_datetime(last_updated, usegmt=True)}
+    if location:
+        headers["Location"] = f"{base}/{resource['resourceType']}/{resource['id']}/_history/{meta['versionId']}"
+    return headers
+
+
+def validated(validator: Validator, resource: Resource) -> Resource:
+    """``resource`` if it is structurally valid; else :class:`ValidationFailed` (422) with the issues."""
+    issues = validator.validate(resource)
+    if any(issue.is_error for issue in issues):
+        type = resource.get("resourceType")
+        raise ValidationFailed(f"the {type} is not valid", [issue.to_fhir() for issue in issues])
+    return resource
+
+
+async def incoming(request: Request, type: str) -> Resource:
+    """The request's resource: parsed, of the URL's type, and structurally valid (else 422)."""
+    found = services(request)
+    resource = await read_resource(request, found.max_body_bytes)
+    if resource.get("resourceType") != type:
+        raise InputError(
+            f"the body's resourceType {resource.get('resourceType')!r} is not the URL's {type!r}",
+            expression="resourceType",
+        )
+    return validated(found.validator, resource)
+
+
+def prefer(request: Request, name: str) -> str | None:
+    """The value of one preference of the ``Prefer`` header (RFC 7240), lower case, or None."""
+    for item in request.headers.get("prefer", "").split(","):
+        key, _, value = item.strip().partition("=")
+        if key.strip().lower() == name:
+            return value.strip().strip('"').lower()
+    return None
+
+
+def strict_handling(request: Request) -> bool:
+    """``Prefer: handling=strict`` (https://hl7.org/fhir/R4/search.html#errors); lenient by default."""
+    return prefer(request, "handling") == "strict"
+
+
+def written(request: Request, stored: Resource, status: int) -> Response:
+    """The answer to a create or update, as ``Prefer: return=`` asks (https://hl7.org/fhir/R4/http.html#ops)."""
+    fmt = response_format(request)
+    headers = version_headers(base_url(request), stored, location=True)
+    wanted = prefer(request, "return")
+    body: dict[str, Any] | None = stored
+    if wanted == "minimal":
+        body = None
+    elif wanted == "operationoutcome":
+        body = {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "information", "code": "informational", "diagnostics": "All OK"}],
+        }
+    return render(body, fmt, status, headers)
+
+
+def condition(type: str, text: str, where: str) -> SearchQuery:
+    """The search in ``If-None-Exist`` or a conditional URL; strict, since an ignored parameter
+    would widen the match (https://hl7.org/fhir/R4/http.html#ccreate)."""
+    query_text = text.split("?", 1)[1] if "?" in text else text
+    pairs = [(name, value) for name, value in parse_qsl(query_text, keep_blank_values=True) if name != "_format"]
+    if not pairs:
+        raise InputError(f"{where} has no search criteria", expression=where)
+    try:
+        return parse_search(type, pairs, strict=True)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc.message}", expression=where) from exc

@@ -1,0 +1,1 @@
+"""FHIR search: the parameters each type supports, the index values of a resource, and parsed queries."""

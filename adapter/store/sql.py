@@ -1,0 +1,496 @@
+"""``SQLStore``: what the SQLite and PostgreSQL stores share, which is everything but the connection.
+
+Both keep the same tables (architecture decision 3): ``resources`` with the current version of each
+resource and ``history`` with every version, as FHIR JSON text written by
+:func:`adapter.fhir.json_format.dumps` (``json`` is NULL for a delete), the search index tables of
+:mod:`adapter.store._search_sql`, and ``searches``, the saved result sets that paging links point
+at. Writes, conditional operations, search and paging are written once here, in SQL both databases
+accept, with ``?`` placeholders; a subclass supplies the connection and the few differences (how a
+write transaction starts and serialises writers, how a running statement is interrupted, the
+history table's insertion-order column).
+
+Threading. Every call runs on one worker thread that owns the store's only connection (a
+single-thread executor, so calls run one at a time in arrival order and the event loop never waits
+on the database). When the awaiting task is cancelled, the running statement is interrupted
+(``sqlite3_interrupt``, or a PostgreSQL cancel request), so a cancelled write is rolled back rather
+than finished behind the caller's back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from adapter.errors import AdapterError, InputError
+from adapter.fhir.json_format import dumps, loads
+from adapter.search.index import index_values
+from adapter.search.query import SearchQuery, parse_search
+from adapter.store._common import (
+    check_id,
+    check_type,
+    history_entries,
+    history_query,
+    instant,
+    rewrite_references,
+    version_of,
+    with_meta,
+)
+from adapter.store._search_sql import INDEX_VERSION, count_sql, index_statements, search_sql
+from adapter.store.base import (
+    Conflict,
+    Gone,
+    HistoryEntry,
+    NotFound,
+    Operation,
+    OperationResult,
+    Resource,
+    SearchResult,
+    VersionConflict,
+)
+
+__all__ = ["SQLStore"]
+
+_T = TypeVar("_T")
+
+#: How long a saved result set (the target of paging links) is kept.
+SEARCH_LIFETIME = timedelta(hours=1)
+
+_INDEX_TABLES = ("sp_token", "sp_string", "sp_reference", "sp_date", "sp_number")
+# Ids per IN (...) list: well under SQLite's limit of bound parameters.
+_CHUNK = 500
+
+
+@contextmanager
+def _blame(index: int) -> Iterator[None]:
+    """Mark an error of a transaction with the index of the operation that raised it."""
+    try:
+        yield
+    except AdapterError as exc:
+        if exc.operation is None:
+            exc.operation = index
+        raise
+
+
+@dataclass(slots=True)
+class _Plan:
+    """An operation with its target decided: the id, the current row, and whether it matched."""
+
+    operation: Operation
+    id: str
+    current: tuple[int, bool, str | None] | None
+    matched: bool = False
+
+
+class SQLStore:
+    """The shared implementation of :class:`~adapter.store.base.ResourceStore`; see the module doc."""
+
+    #: The history column that orders versions written in the same millisecond.
+    tiebreak = "rowid"
+    #: SELECT of (version, deleted, json) of one resource, taking whatever lock the dialect needs.
+    current_sql = "SELECT version, deleted, json FROM resources WHERE type = ? AND id = ?"
+    #: Writing a version: (type, id, version, last_updated, deleted, json) into both tables.
+    put_resource_sql = """
+        INSERT INTO resources (type, id, version, last_updated, deleted, json) VALUES (?, ?, ?, ?, ?, ?)
+        ON CONFLICT (type, id) DO UPDATE SET version = excluded.version,
+            last_updated = excluded.last_updated, deleted = excluded.deleted, json = excluded.json
+    """
+    put_history_sql = "INSERT INTO history (type, id, version, last_updated, deleted, json) VALUES (?, ?, ?, ?, ?, ?)"
+
+    def __init__(self, clock: Callable[[], datetime] | None = None, thread_name: str = "store") -> None:
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self._closed = False
+        self._conn: Any = None
+
+    # -- what a dialect supplies (all on the worker thread, except interrupt) ----------------------
+
+    def _connect(self) -> Any:
+        """Open a connection with the schema in place (and the index rebuilt if it is stale)."""
+        raise NotImplementedError
+
+    def _usable(self, conn: Any) -> bool:
+        return True
+
+    def _begin(self) -> None:
+        """Start a write transaction."""
+        raise NotImplementedError
+
+    def _lock(self, key: str) -> None:
+        """Serialise writers of ``key`` (``Type/id``, or a conditional operation's criteria) until
+        the transaction ends; nothing to do where a write transaction locks the whole database."""
+
+    def _interrupt(self) -> None:
+        """Stop the statement running on the worker thread (called from the event loop's thread)."""
+
+    def _contention(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the write lost against another writer (reported as 409)."""
+        return False
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        raise NotImplementedError
+
+    def _row(self, type: str, id: str, version: int, now: str, text: str | None) -> tuple[Any, ...]:
+        """The parameters of :attr:`put_resource_sql` and :attr:`put_history_sql`."""
+        return (type, id, version, now, text is None, text)
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- running calls on the worker thread ------------------------------------------------------
+
+    async def __aenter__(self) -> SQLStore:
+        await self._run(lambda: None)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self._conn is None or not self._usable(self._conn):
+            self._close_quietly()
+            self._conn = self._connect()
+        return fn(*args)
+
+    def _close_quietly(self) -> None:
+        try:
+            self._close_connection()
+        except Exception:  # a broken connection may fail to close; it is dropped anyway
+            self._conn = None
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn, *args)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._interrupt()
+            raise
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_quietly)
+        self._executor.shutdown(wait=True)
+
+    # -- the interactions ------------------------------------------------------------------------
+
+    async def create(self, resource: Resource) -> Resource:
+        result = await self._run(self._write, [Operation.create(resource)])
+        assert result[0].resource is not None
+        return result[0].resource
+
+    async def read(self, type: str, id: str) -> Resource:
+        return await self._run(self._read, type, id)
+
+    async def vread(self, type: str, id: str, version: str) -> Resource:
+        return await self._run(self._vread, type, id, version)
+
+    async def update(self, resource: Resource, if_match: str | None = None) -> tuple[Resource, bool]:
+        result = (await self._run(self._write, [Operation.update(resource, if_match=if_match)]))[0]
+        assert result.resource is not None
+        return result.resource, result.created
+
+    async def delete(self, type: str, id: str, if_match: str | None = None) -> None:
+        await self._run(self._write, [Operation.delete(type, id, if_match=if_match)])
+
+    async def history(
+        self,
+        type: str | None = None,
+        id: str | None = None,
+        since: datetime | None = None,
+        count: int | None = None,
+    ) -> list[HistoryEntry]:
+        if id is not None and type is None:
+            raise ValueError("instance history needs the type as well as the id")
+        if count is not None and count < 0:
+            raise ValueError("count must not be negative")
+        sql, params = history_query(
+            type, id, None if since is None else instant(since), count, placeholder="?", tiebreak=self.tiebreak
+        )
+        return history_entries(await self._run(self._execute, sql, params))
+
+    async def transaction(self, operations: Sequence[Operation]) -> list[OperationResult]:
+        return await self._run(self._write, list(operations))
+
+    async def search(self, query: SearchQuery) -> SearchResult:
+        return await self._run(self._search, query)
+
+    async def search_page(self, search_id: str, offset: int, count: int) -> SearchResult:
+        return await self._run(self._search_page, search_id, offset, count)
+
+    # -- reads, on the worker thread -------------------------------------------------------------
+
+    def _now(self) -> str:
+        return instant(self._clock())
+
+    def _read(self, type: str, id: str) -> Resource:
+        rows = self._execute("SELECT version, deleted, json FROM resources WHERE type = ? AND id = ?", (type, id))
+        if not rows:
+            raise NotFound(f"{type}/{id} is not known")
+        version, deleted, text = rows[0]
+        if deleted or text is None:
+            raise Gone(f"{type}/{id} was deleted (version {version})")
+        resource: Resource = loads(text)
+        return resource
+
+    def _vread(self, type: str, id: str, version: str) -> Resource:
+        # Only what fits an integer column can be a version; anything else is simply not found.
+        number = int(version) if version.isdecimal() and len(version) <= 9 else None
+        rows: list[tuple[Any, ...]] = []
+        if number is not None:
+            rows = self._execute(
+                "SELECT deleted, json FROM history WHERE type = ? AND id = ? AND version = ?", (type, id, number)
+            )
+        if not rows:
+            raise NotFound(f"{type}/{id} has no version {version!r}")
+        if rows[0][0] or rows[0][1] is None:
+            raise Gone(f"version {version} of {type}/{id} is a delete")
+        resource: Resource = loads(rows[0][1])
+        return resource
+
+    def _resources(self, type: str, ids: Sequence[str]) -> list[Resource]:
+        """The current versions of ``ids`` of ``type``, in that order, leaving out deleted ones."""
+        found: dict[str, str] = {}
+        for start in range(0, len(ids), _CHUNK):
+            chunk = list(ids[start : start + _CHUNK])
+            marks = ", ".join("?" * len(chunk))
+            sql = f"SELECT id, json FROM resources WHERE type = ? AND NOT deleted AND id IN ({marks})"
+            found.update((row[0], row[1]) for row in self._execute(sql, [type, *chunk]))
+        return [loads(found[id]) for id in ids if id in found]
+
+    # -- search ----------------------------------------------------------------------------------
+
+    def _search(self, query: SearchQuery) -> SearchResult:
+        if query.summary_count:
+            sql, params = count_sql(query)
+            return SearchResult(query, int(self._execute(sql, params)[0][0]), [], [])
+        sql, params = search_sql(query)
+        ids = [row[0] for row in self._execute(sql, params)]
+        search_id = self._save_search(query, ids) if 0 < query.count < len(ids) else None
+        return self._page(query, ids, 0, search_id)
+
+    def _save_search(self, query: SearchQuery, ids: list[str]) -> str:
+        """Keep the ordered result set for its paging links; drop expired ones."""
+        search_id = str(uuid.uuid4())
+        now = self._clock()
+        self._begin()
+        try:
+            self._execute("DELETE FROM searches WHERE created < ?", (instant(now - SEARCH_LIFETIME),))
+            self._execute(
+                "INSERT INTO searches (id, created, type, query, ids) VALUES (?, ?, ?, ?, ?)",
+                (search_id, instant(now), query.type, json.dumps(query.pairs), json.dumps(ids)),
+            )
+            self._execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return search_id
+
+    def _search_page(self, search_id: str, offset: int, count: int) -> SearchResult:
+        rows = self._execute("SELECT type, query, ids, created FROM searches WHERE id = ?", (search_id,))
+        if not rows or rows[0][3] < instant(self._clock() - SEARCH_LIFETIME):
+            raise Gone(f"the search result set {search_id!r} has expired or never existed; search again")
+        type, pairs, ids, _ = rows[0]
+        query = parse_search(type, [tuple(pair) for pair in json.loads(pairs)])
+        return self._page(replace(query, count=count), json.loads(ids), offset, search_id)
+
+    def _page(self, query: SearchQuery, ids: list[str], offset: int, search_id: str | None) -> SearchResult:
+        resources = self._resources(query.type, ids[offset : offset + query.count])
+        return SearchResult(query, len(ids), resources, self._included(query, resources), offset, search_id)
+
+    def _included(self, query: SearchQuery, page: list[Resource]) -> list[Resource]:
+        """What ``_include`` and ``_revinclude`` add to a page (https://hl7.org/fhir/R4/search.html#include)."""
+        if not page or not (query.includes or query.revincludes):
+            return []
+        seen = {(query.type, resource["id"]) for resource in page}
+        page_ids = [resource["id"] for resource in page]
+        wanted: dict[str, list[str]] = {}
+        for include in query.includes:
+            marks = ", ".join("?" * len(page_ids))
+            sql = (
+                "SELECT DISTINCT target_type, target_id FROM sp_reference WHERE type = ? AND param = ?"
+                f" AND target_id IS NOT NULL AND id IN ({marks})"
+            )
+            params: list[Any] = [include.source, include.param, *page_ids]
+            if include.target is not None:
+                sql += " AND target_type = ?"
+                params.append(include.target)
+            for target_type, target_id in self._execute(sql, params):
+                wanted.setdefault(target_type, []).append(target_id)
+        for include in query.revincludes:
+            if include.target is not None and include.target != query.type:
+                continue
+            marks = ", ".join("?" * len(page_ids))
+            sql = (
+                "SELECT DISTINCT id FROM sp_reference WHERE type = ? AND param = ? AND target_type = ?"
+                f" AND target_id IN ({marks})"
+            )
+            rows = self._execute(sql, [include.source, include.param, query.type, *page_ids])
+            wanted.setdefault(include.source, []).extend(row[0] for row in rows)
+        included: list[Resource] = []
+        for type, ids in wanted.items():
+            fresh = [id for id in dict.fromkeys(ids) if (type, id) not in seen]
+            seen.update((type, id) for id in fresh)
+            included += self._resources(type, fresh)
+        return included
+
+    def _match(self, query: SearchQuery) -> list[str]:
+        """Up to two ids that meet a condition: enough to tell none, one and several apart."""
+        sql, params = search_sql(query)
+        return [row[0] for row in self._execute(sql + " LIMIT 2", params)]
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    def _rollback(self) -> None:
+        try:
+            self._execute("ROLLBACK")
+        except Exception:  # nothing to roll back, or the connection is gone (which rolls back)
+            self._close_quietly()
+
+    def _write(self, operations: list[Operation]) -> list[OperationResult]:
+        """Apply ``operations`` in one transaction; any error rolls all of them back."""
+        now = self._now()
+        self._begin()
+        try:
+            seen: set[tuple[str, str]] = set()
+            plans: list[_Plan] = []
+            for index, operation in enumerate(operations):
+                with _blame(index):
+                    plans.append(self._plan(operation, seen))
+            mapping = {
+                plan.operation.full_url: f"{plan.operation.type}/{plan.id}" for plan in plans if plan.operation.full_url
+            }
+            results: list[OperationResult] = []
+            for index, plan in enumerate(plans):
+                with _blame(index):
+                    results.append(self._apply(plan, now, mapping))
+            self._execute("COMMIT")
+        except BaseException as exc:
+            self._rollback()
+            if self._contention(exc):
+                raise Conflict(f"the change clashed with another writer: {exc}") from exc
+            raise
+        return results
+
+    def _current(self, type: str, id: str) -> tuple[int, bool, str | None] | None:
+        self._lock(f"{type}/{id}")
+        rows = self._execute(self.current_sql, (type, id))
+        return None if not rows else (int(rows[0][0]), bool(rows[0][1]), rows[0][2])
+
+    def _plan(self, operation: Operation, seen: set[tuple[str, str]]) -> _Plan:
+        """Decide which resource ``operation`` changes (conditions are evaluated here) and check it may."""
+        if operation.resource is not None:
+            check_type(operation.resource.get("resourceType"))
+            if operation.resource["resourceType"] != operation.type:
+                raise InputError("the operation's type is not the resource's resourceType", expression="resourceType")
+        check_type(operation.type)
+        matched = False
+        if operation.condition is not None:
+            # Two conditional writes with the same criteria must not both find nothing and both create.
+            self._lock(f"{operation.type}?{operation.condition.criteria_text}")
+            matches = self._match(operation.condition)
+            what = f"{operation.type}?{operation.condition.criteria_text}"
+            if len(matches) > 1:
+                raise VersionConflict(f"the condition {what} matches more than one resource", expression="request.url")
+            if operation.method == "create":
+                matched = bool(matches)
+                id = matches[0] if matches else (operation.id or str(uuid.uuid4()))
+            elif matches:
+                if operation.id is not None and operation.id != matches[0]:
+                    raise InputError(
+                        f"the condition {what} matches {operation.type}/{matches[0]},"
+                        f" not the body's id {operation.id!r}",
+                        expression="id",
+                    )
+                id = matches[0]
+            else:
+                id = operation.id if operation.id is not None else str(uuid.uuid4())
+            id = check_id(id)
+        elif operation.method == "create":
+            id = str(uuid.uuid4()) if operation.id is None else check_id(operation.id)
+        else:
+            id = check_id(operation.id)
+        key = (operation.type, id)
+        if key in seen:
+            # https://hl7.org/fhir/R4/http.html#trules: overlapping identities SHALL fail the transaction.
+            raise Conflict(f"{operation.type}/{id} is changed twice in one transaction")
+        seen.add(key)
+        current = self._current(operation.type, id)
+        if operation.if_match is not None:
+            expected = version_of(operation.if_match)
+            if current is None or str(current[0]) != expected:
+                actual = "none" if current is None else str(current[0])
+                raise VersionConflict(
+                    f"If-Match {operation.if_match} does not match {operation.type}/{id} (current version: {actual})"
+                )
+        if operation.method == "delete" and current is None:
+            raise NotFound(f"{operation.type}/{id} is not known")
+        if operation.method == "create" and current is not None and not matched:
+            raise Conflict(f"{operation.type}/{id} exists already")
+        return _Plan(operation, id, current, matched)
+
+    def _apply(self, plan: _Plan, now: str, mapping: dict[str, str]) -> OperationResult:
+        operation, id, current = plan.operation, plan.id, plan.current
+        if plan.matched:
+            assert current is not None and current[2] is not None
+            return OperationResult(operation.type, id, str(current[0]), False, loads(current[2]), matched=True)
+        if operation.method == "delete":
+            assert current is not None
+            version, deleted, _ = current
+            if deleted:
+                return OperationResult(operation.type, id, str(version), False, None)
+            self._put(operation.type, id, version + 1, now, None, None)
+            return OperationResult(operation.type, id, str(version + 1), False, None)
+        assert operation.resource is not None
+        resource = rewrite_references(operation.resource, mapping) if mapping else operation.resource
+        version = 1 if current is None else current[0] + 1
+        stamped = with_meta(resource, id, version, now)
+        text = dumps(stamped).decode("utf-8")
+        self._put(operation.type, id, version, now, text, stamped)
+        created = current is None or current[1]
+        return OperationResult(operation.type, id, str(version), created, loads(text))
+
+    def _put(self, type: str, id: str, version: int, now: str, text: str | None, resource: Resource | None) -> None:
+        row = self._row(type, id, version, now, text)
+        self._execute(self.put_resource_sql, row)
+        self._execute(self.put_history_sql, row)
+        self._index(type, id, resource)
+
+    def _index(self, type: str, id: str, resource: Resource | None) -> None:
+        for sql, rows in index_statements(type, id, None if resource is None else index_values(resource)):
+            if len(rows) == 1:
+                self._execute(sql, rows[0])
+            else:
+                self._execute_many(sql, rows)
+
+    # -- schema ----------------------------------------------------------------------------------
+
+    def _reindex_if_stale(self) -> None:
+        """Inside a write transaction: rebuild the search index when it was built by another
+        :data:`INDEX_VERSION` (or before there was one)."""
+        rows = self._execute("SELECT value FROM store_meta WHERE key = 'index_version'")
+        if rows and rows[0][0] == INDEX_VERSION:
+            return
+        for table in _INDEX_TABLES:
+            self._execute(f"DELETE FROM {table}")
+        for type, id, text in self._execute("SELECT type, id, json FROM resources WHERE NOT deleted"):
+            self._index(type, id, loads(text))
+        self._execute(
+            "INSERT INTO store_meta (key, value) VALUES ('index_version', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (INDEX_VERSION,),
+        )
