@@ -227,3 +227,15 @@ def test_an_independent_fhir_client(server: tuple[str, subprocess.Popen[bytes], 
     observation.save()  # PUT
     assert observation["meta"]["versionId"] == "2"
     assert client.reference("Observation", observation["id"]).to_resource()["valueInteger"] == 52
+
+    # Search as a client does it: a person's referrals by NHS number in one call, and paging.
+    referrals = (
+        client.resources("ServiceRequest")
+        .search(**{"patient.identifier": "https://fhir.nhs.uk/Id/nhs-number|9990000018"})
+        .fetch_all()
+    )
+    assert referrals and all(r["subject"]["reference"] == "Patient/demo-patient-1" for r in referrals)
+    patients = client.resources("Patient").limit(1).fetch_all()  # follows the next links
+    assert sorted(p["id"] for p in patients) == ["demo-patient-1", "demo-patient-2", "demo-patient-3"]
+    assert client.resources("Observation").search(patient="demo-patient-1").count() == 2  # WEMWBS 38 and 51
+    assert client.resources("Observation").search(patient="demo-patient-2").count() == 1  # the one made above

@@ -40,6 +40,7 @@ __all__ = [
     "TokenValue",
     "parse_search",
     "split_values",
+    "unescape",
 ]
 
 #: Page size when the request names none, and the largest page we return.
@@ -154,33 +155,39 @@ class SearchQuery:
 
 
 def split_values(text: str) -> list[str]:
-    """Split a parameter value on unescaped commas and undo the ``\\`` escapes."""
+    """Split a parameter value on unescaped commas; the parts keep their other escapes
+    (``\\|`` must still be told from ``|`` by the token parser), see :func:`unescape`."""
     parts: list[str] = []
-    current: list[str] = []
-    escaped = False
-    for ch in text:
-        if escaped:
-            current.append(ch)
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ",":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    if escaped:
-        current.append("\\")
-    parts.append("".join(current))
+    start = 0
+    i = 0
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == ",":
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    parts.append(text[start:])
     return parts
 
 
+def unescape(text: str) -> str:
+    """Undo the search escapes ``\\,`` ``\\|`` ``\\$`` ``\\\\`` (https://hl7.org/fhir/R4/search.html#escaping)."""
+    return re.sub(r"\\(.)", r"\1", text)
+
+
 def _split_pipe(text: str) -> tuple[str | None, str]:
-    """``system|code`` on the first unescaped ``|`` (escapes already undone except ``\\|``)."""
-    match = re.search(r"(?<!\\)\|", text)
-    if match is None:
-        return None, text.replace("\\|", "|")
-    return text[: match.start()].replace("\\|", "|"), text[match.end() :].replace("\\|", "|")
+    """``system|code`` on the first unescaped ``|``, each part unescaped; (None, code) without one."""
+    i = 0
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == "|":
+            return unescape(text[:i]), unescape(text[i + 1 :])
+        i += 1
+    return None, unescape(text)
 
 
 def _prefixed(text: str) -> tuple[Prefix, str]:
@@ -269,14 +276,13 @@ class _Parser:
             return None
         return Criterion(type, param, modifier, (), targets=tuple(c.type for c in chain), chain=tuple(chain))
 
-    def value(self, param: SearchParam, name: str, text: str, modifier: str) -> Value:
+    def value(self, param: SearchParam, name: str, raw: str, modifier: str) -> Value:
         kind = param.type
-        if param.code == "_id":
-            return TokenValue(None, text)
-        if kind in ("token", "uri"):
-            if kind == "uri":
-                return TokenValue(None, text)
-            system, code = _split_pipe(text)
+        text = unescape(raw)
+        if param.code == "_id" or kind == "uri":
+            return TokenValue(None, unescape(text))
+        if kind == "token":
+            system, code = _split_pipe(raw)
             return TokenValue(system, code or None) if system is not None else TokenValue(None, code)
         if kind == "string":
             return StringValue(text, normalise(text))
@@ -296,10 +302,12 @@ class _Parser:
         if kind == "number":
             return NumberValue(prefix, *_number(rest, name))
         # quantity: number|system|code (https://hl7.org/fhir/R4/search.html#quantity)
-        number, _, unit = rest.partition("|")
-        system, pipe, code = unit.partition("|")
-        if unit and not pipe:
-            system, code = "", unit
+        number, unit = _split_pipe(_prefixed(raw)[1])
+        if number is None:
+            number, unit = unit, ""
+        system, code = _split_pipe(unit) if unit else ("", "")
+        if system is None:
+            system, code = "", code
         return NumberValue(prefix, *_number(number, name), system or None, code or None)
 
 

@@ -118,3 +118,19 @@ async def test_a_store_that_cannot_open_raises_and_leaves_no_worker(tmp_path: Pa
     with pytest.raises(sqlite3.OperationalError):
         SQLiteStore(tmp_path / "no-such-folder" / "store.db")
     assert not [t for t in threading.enumerate() if t.name.startswith("sqlite-store") and t.name not in before]
+
+
+async def test_a_database_without_a_current_index_is_reindexed_on_open(tmp_path: Path) -> None:
+    """A file written before the index existed (or by another INDEX_VERSION) becomes searchable."""
+
+    from adapter.search.query import parse_search
+
+    path = tmp_path / "old.db"
+    async with SQLiteStore(path) as store:
+        made = await store.create({"resourceType": "Patient", "name": [{"family": "Older"}]})
+    with sqlite3.connect(path) as raw:
+        raw.execute("DELETE FROM sp_string")
+        raw.execute("DELETE FROM store_meta")
+    async with SQLiteStore(path) as reopened:
+        found = await reopened.search(parse_search("Patient", [("family", "old")]))
+        assert [r["id"] for r in found.resources] == [made["id"]]

@@ -1,0 +1,124 @@
+"""Parsing a FHIR search: values, prefixes, modifiers, chains, result parameters, strict and lenient."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapter.errors import InputError
+from adapter.search.index import date_range, index_values, normalise
+from adapter.search.query import MAX_COUNT, DateValue, NumberValue, TokenValue, parse_search, split_values, unescape
+
+
+def test_commas_split_values_unless_escaped() -> None:
+    assert [unescape(part) for part in split_values("a,b\\,c,d\\\\,e\\$")] == ["a", "b,c", "d\\", "e$"]
+
+
+def test_token_forms() -> None:
+    [criterion] = parse_search("Patient", [("identifier", "sys|1,|2,sys|,3,a\\|b|c")]).criteria
+    assert criterion.values == (
+        TokenValue("sys", "1"),
+        TokenValue("", "2"),
+        TokenValue("sys", None),
+        TokenValue(None, "3"),
+        TokenValue("a|b", "c"),
+    )
+
+
+def test_prefixes_and_partial_dates_become_ranges() -> None:
+    [criterion] = parse_search("Patient", [("birthdate", "ge2026-02")]).criteria
+    assert criterion.values == (DateValue("ge", "2026-02-01T00:00:00.000000", "2026-03-01T00:00:00.000000"),)
+    assert date_range("2026-12") == ("2026-12-01T00:00:00.000000", "2027-01-01T00:00:00.000000")
+    assert date_range("2026-11-23T23:30:00-01:00") == ("2026-11-24T00:30:00.000000", "2026-11-24T00:30:01.000000")
+    assert date_range("2026-02-30") is None and date_range("tomorrow") is None
+
+
+def test_numbers_carry_the_range_of_their_precision() -> None:
+    [criterion] = parse_search("Observation", [("value-quantity", "lt5.40|http://unitsofmeasure.org|mg")]).criteria
+    assert criterion.values == (NumberValue("lt", 5.4, 5.395, 5.405, "http://unitsofmeasure.org", "mg"),)
+
+
+def test_chains_resolve_to_the_targets_that_have_the_parameter() -> None:
+    [criterion] = parse_search("ServiceRequest", [("patient.identifier", "9990000018")]).criteria
+    assert criterion.targets == ("Patient",) and criterion.chain[0].param.code == "identifier"
+    [typed] = parse_search("ServiceRequest", [("subject:Patient.name", "x")]).criteria
+    assert typed.targets == ("Patient",)
+    # subject can point at Patient, Group, Location, Device: only those with "identifier" are chained.
+    [wide] = parse_search("ServiceRequest", [("subject.identifier", "x")]).criteria
+    assert set(wide.targets) == {"Patient", "Group", "Location", "Device"}
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        ("foo", "1"),
+        ("_text", "x"),
+        ("code-value-quantity", "x$1"),
+        ("name:below", "x"),
+        ("_summary", "true"),
+        ("_has", "x"),
+    ],
+)
+def test_unsupported_parameters_fail_strict_and_are_reported_lenient(pair: tuple[str, str]) -> None:
+    with pytest.raises(InputError) as caught:
+        parse_search("Observation", [pair], strict=True)
+    assert caught.value.status == 400 and caught.value.expression
+    lenient = parse_search("Observation", [pair])
+    assert lenient.criteria == () and len(lenient.ignored) == 1 and pair[0] in lenient.ignored[0]
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        ("birthdate", "yesterday"),
+        ("_count", "-1"),
+        ("_count", "ten"),
+        ("_include", "Patient"),
+        ("_total", "all"),
+        ("general-practitioner:missing", "maybe"),
+        ("_include", "Observation:subject"),
+    ],
+)
+def test_unreadable_values_are_errors_even_when_lenient(pair: tuple[str, str]) -> None:
+    with pytest.raises(InputError):
+        parse_search("Patient", [pair])
+
+
+def test_a_huge_count_is_capped_with_a_warning() -> None:
+    query = parse_search("Patient", [("_count", "10000000")])
+    assert query.count == MAX_COUNT and "10000000" in query.warnings[0]
+
+
+def test_result_parameters() -> None:
+    query = parse_search(
+        "ServiceRequest",
+        [
+            ("_sort", "-authored,_id"),
+            ("_include", "ServiceRequest:subject:Patient"),
+            ("_revinclude:iterate", "Task:focus"),
+            ("_elements", "status, subject"),
+            ("_summary", "count"),
+            ("_format", "xml"),
+        ],
+    )
+    assert [(key.param.code, key.descending) for key in query.sort] == [("authored", True), ("_id", False)]
+    assert [(i.source, i.param, i.target) for i in query.includes] == [("ServiceRequest", "subject", "Patient")]
+    assert [(i.source, i.param) for i in query.revincludes] == [("Task", "focus")]
+    assert query.elements == ("status", "subject") and query.summary_count and query.ignored == ()
+
+
+def test_index_values_of_names_addresses_and_periods() -> None:
+    rows = index_values(
+        {
+            "resourceType": "Patient",
+            "name": [{"family": "Ñúñez", "given": ["Ana", "María"]}],
+            "address": [{"line": ["1 High St"], "postalCode": "LS1 4AP"}],
+            "telecom": [{"system": "phone", "value": "0113 000 0000"}],
+            "active": True,
+        }
+    )
+    names = {(param, exact) for param, _, exact in rows.strings if param == "name"}
+    assert names == {("name", "Ñúñez"), ("name", "Ana"), ("name", "María")}
+    assert ("address-postalcode", normalise("LS1 4AP"), "LS1 4AP") in rows.strings
+    assert ("active", None, "true") in rows.tokens and ("phone", "phone", "0113 000 0000") in rows.tokens
+    care = index_values({"resourceType": "EpisodeOfCare", "status": "active", "period": {"start": "2026-01-01"}})
+    assert care.dates == [("date", "2026-01-01T00:00:00.000000", "9999-12-31T23:59:59.999999")]

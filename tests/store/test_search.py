@@ -1,0 +1,311 @@
+"""Search, conditional operations and transactions with references: part of the ResourceStore
+contract, run on every store (SQLite in memory, SQLite file, PostgreSQL).
+
+The fixture's clock moves one second per write call from 2026-11-23T12:00:00.123Z, so
+``_lastUpdated`` values are known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from adapter.search.query import parse_search
+from adapter.store import Gone, Operation, ResourceStore, VersionConflict
+
+pytestmark = pytest.mark.anyio
+
+NHS = "https://fhir.nhs.uk/Id/nhs-number"
+
+
+def person(nhs: str, family: str, given: str, birth: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "identifier": [{"system": NHS, "value": nhs}],
+        "name": [{"family": family, "given": [given]}],
+        "birthDate": birth,
+        **extra,
+    }
+
+
+def referral(patient_id: str, authored: str, status: str = "active", **extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "ServiceRequest",
+        "status": status,
+        "intent": "order",
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "871731000000106"}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "authoredOn": authored,
+        **extra,
+    }
+
+
+def score(patient_id: str, value: str, when: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "718426000"}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "effectiveDateTime": when,
+        "valueQuantity": {"value": Decimal(value), "system": "http://unitsofmeasure.org", "code": "{score}"},
+    }
+
+
+async def ids(store: ResourceStore, type: str, *pairs: tuple[str, str]) -> list[str]:
+    result = await store.search(parse_search(type, list(pairs)))
+    assert result.total == len(result.resources) or result.search_id is not None
+    return [resource["id"] for resource in result.resources]
+
+
+@pytest.fixture
+async def people(store: ResourceStore) -> dict[str, dict[str, Any]]:
+    """Three patients (ids by name) with referrals and scores."""
+    made = {
+        "zoe": await store.create(person("9990000018", "O'Brien", "Zoë", "1950-03-04", gender="female")),
+        "sam": await store.create(person("9990000026", "Smith", "Sam", "1980-11-23", gender="male")),
+        "li": await store.create(person("9990000034", "Li", "Wei", "2001", gender="unknown")),
+    }
+    await store.create(referral(made["zoe"]["id"], "2026-01-10"))
+    await store.create(referral(made["zoe"]["id"], "2026-03-10T09:30:00Z"))
+    await store.create(referral(made["sam"]["id"], "2026-05-01", status="completed"))
+    await store.create(score(made["zoe"]["id"], "38", "2026-01-12"))
+    await store.create(score(made["zoe"]["id"], "51.0", "2026-06-30"))
+    return made
+
+
+async def test_tokens_match_code_system_and_code_or_system_alone(store: ResourceStore, people: dict[str, Any]) -> None:
+    zoe = people["zoe"]["id"]
+    assert await ids(store, "Patient", ("identifier", f"{NHS}|9990000018")) == [zoe]
+    assert await ids(store, "Patient", ("identifier", "9990000018")) == [zoe]
+    assert await ids(store, "Patient", ("identifier", "|9990000018")) == []  # it has a system
+    assert len(await ids(store, "Patient", ("identifier", f"{NHS}|"))) == 3
+    assert await ids(store, "Patient", ("identifier", "http://other|9990000018")) == []
+    assert len(await ids(store, "ServiceRequest", ("status", "active"))) == 2
+    # Comma: either value.
+    assert len(await ids(store, "ServiceRequest", ("status", "active,completed"))) == 3
+    # Two parameters: both.
+    assert await ids(store, "Patient", ("gender", "female"), ("identifier", "9990000026")) == []
+
+
+async def test_strings_match_the_start_ignoring_case_and_accents_or_exactly_or_anywhere(
+    store: ResourceStore, people: dict[str, Any]
+) -> None:
+    zoe = people["zoe"]["id"]
+    assert await ids(store, "Patient", ("name", "zoe")) == [zoe]
+    assert await ids(store, "Patient", ("given", "ZO")) == [zoe]
+    assert await ids(store, "Patient", ("family", "o'b")) == [zoe]
+    assert await ids(store, "Patient", ("family", "brien")) == []
+    assert await ids(store, "Patient", ("family:contains", "BRIEN")) == [zoe]
+    assert await ids(store, "Patient", ("given:exact", "Zoë")) == [zoe]
+    assert await ids(store, "Patient", ("given:exact", "zoë")) == []
+
+
+async def test_search_values_are_data_never_sql_or_like_patterns(store: ResourceStore, people: dict[str, Any]) -> None:
+    for value in ("%", "_", "' OR '1'='1", "'; DROP TABLE resources; --", "\\", "Sm_th", "S%"):
+        assert await ids(store, "Patient", ("family", value)) == [], value
+        assert await ids(store, "Patient", ("identifier", value)) == [], value
+    await store.create(person("9990000042", "100%_real\\", "X", "1990"))
+    assert len(await ids(store, "Patient", ("family", "100%_r"))) == 1
+    assert len(await ids(store, "Patient", ("family", "100%_real\\"))) == 1
+    assert len(await ids(store, "Patient")) == 4  # nothing was dropped
+
+
+async def test_references_by_type_and_id_bare_id_and_type_modifier(
+    store: ResourceStore, people: dict[str, Any]
+) -> None:
+    zoe = people["zoe"]["id"]
+    by_type = await ids(store, "ServiceRequest", ("patient", f"Patient/{zoe}"))
+    assert len(by_type) == 2
+    assert await ids(store, "ServiceRequest", ("subject", zoe)) == by_type
+    assert await ids(store, "ServiceRequest", ("subject:Patient", zoe)) == by_type
+    assert await ids(store, "ServiceRequest", ("subject:Group", zoe)) == []
+    assert await ids(store, "ServiceRequest", ("patient", "Patient/nobody")) == []
+
+
+async def test_chains_find_a_persons_referrals_by_nhs_number_in_one_search(
+    store: ResourceStore, people: dict[str, Any]
+) -> None:
+    expected = await ids(store, "ServiceRequest", ("patient", f"Patient/{people['zoe']['id']}"))
+    assert await ids(store, "ServiceRequest", ("patient.identifier", f"{NHS}|9990000018")) == expected
+    assert await ids(store, "ServiceRequest", ("subject:Patient.identifier", "9990000018")) == expected
+    assert await ids(store, "ServiceRequest", ("subject:Patient.name", "zoe")) == expected
+    assert await ids(store, "ServiceRequest", ("patient.identifier", f"{NHS}|9990000034")) == []
+    # Two levels: observations of patients whose referrals... go through Patient here.
+    observations = await ids(store, "Observation", ("subject:Patient.birthdate", "1950"))
+    assert len(observations) == 2
+
+
+async def test_dates_with_prefixes_and_partial_values(store: ResourceStore, people: dict[str, Any]) -> None:
+    async def birth(value: str) -> set[str]:
+        names = {people[key]["id"]: key for key in people}
+        return {names[id] for id in await ids(store, "Patient", ("birthdate", value))}
+
+    assert await birth("1950-03-04") == {"zoe"}
+    assert await birth("1950") == {"zoe"}
+    assert await birth("1950-03") == {"zoe"}
+    assert await birth("2001-06-01") == set()  # "2001" is the whole year: not inside one day
+    assert await birth("eq2001") == {"li"}
+    assert await birth("ne1950") == {"sam", "li"}
+    assert await birth("lt1980-11-23") == {"zoe"}
+    assert await birth("le1980-11-23") == {"zoe", "sam"}
+    assert await birth("gt1980-11-23") == {"li"}
+    assert await birth("ge1980-11-23") == {"sam", "li"}
+    assert await birth("sa1980") == {"li"}
+    assert await birth("eb1980") == {"zoe"}
+    # The year 2001 is a range: it reaches both before and after June, so it is "lt" and "gt"
+    # June, but neither "starts after" nor "ends before" it.
+    assert await birth("ge2001-06-01") == {"li"}
+    assert await birth("gt2001-06-01") == {"li"}
+    assert await birth("lt2001-06-01") == {"zoe", "sam", "li"}
+    assert await birth("le2001-06-01") == {"zoe", "sam", "li"}
+    assert await birth("sa2001-06-01") == set()
+    assert await birth("eb2001-06-01") == {"zoe", "sam"}
+    assert await birth("sa2000-12-31") == {"li"}
+    assert await birth("ap1950-03-04") == {"zoe"}
+    # A dateTime with a time zone is compared in UTC.
+    authored = await ids(store, "ServiceRequest", ("authored", "2026-03-10T10:30:00+01:00"))
+    assert len(authored) == 1
+    assert len(await ids(store, "ServiceRequest", ("authored", "ge2026-03"))) == 2
+
+
+async def test_quantities_and_numbers_with_precision_and_prefixes(store: ResourceStore, people: dict[str, Any]) -> None:
+    assert len(await ids(store, "Observation", ("value-quantity", "51"))) == 1
+    assert len(await ids(store, "Observation", ("value-quantity", "51.0|http://unitsofmeasure.org|{score}"))) == 1
+    assert len(await ids(store, "Observation", ("value-quantity", "51||{score}"))) == 1
+    assert len(await ids(store, "Observation", ("value-quantity", "51||mg"))) == 0
+    assert len(await ids(store, "Observation", ("value-quantity", "gt38"))) == 1
+    assert len(await ids(store, "Observation", ("value-quantity", "ge38"))) == 2
+    assert len(await ids(store, "Observation", ("value-quantity", "lt38"))) == 0
+    # "38.4" means 38.35 to 38.45: 38 is outside; "4e1" means 35 to 45: 38 is inside.
+    assert len(await ids(store, "Observation", ("value-quantity", "38.4"))) == 0
+    assert len(await ids(store, "Observation", ("value-quantity", "4e1"))) == 1
+
+
+async def test_id_last_updated_and_missing(store: ResourceStore, people: dict[str, Any]) -> None:
+    zoe, sam = people["zoe"]["id"], people["sam"]["id"]
+    assert sorted(await ids(store, "Patient", ("_id", f"{zoe},{sam}"))) == sorted([zoe, sam])
+    # The clock gives 12:00:00.123 to the first write, 12:00:01.123 to the second...
+    assert await ids(store, "Patient", ("_lastUpdated", "2026-11-23T12:00:00")) == [zoe]
+    assert await ids(store, "Patient", ("_lastUpdated", "gt2026-11-23T12:00:00")) == [sam, people["li"]["id"]]
+    assert await ids(store, "Patient", ("_lastUpdated", "lt2026-11-23T12:00:01")) == [zoe]
+    assert len(await ids(store, "Patient", ("_lastUpdated", "2026-11-23"))) == 3
+    await store.create({"resourceType": "Patient", "name": [{"family": "Nobirth"}]})
+    assert len(await ids(store, "Patient", ("birthdate:missing", "true"))) == 1
+    assert len(await ids(store, "Patient", ("birthdate:missing", "false"))) == 3
+
+
+async def test_sort_ascending_descending_and_on_several_keys(store: ResourceStore, people: dict[str, Any]) -> None:
+    by_birth = await ids(store, "Patient", ("_sort", "birthdate"))
+    assert by_birth == [people["zoe"]["id"], people["sam"]["id"], people["li"]["id"]]
+    assert await ids(store, "Patient", ("_sort", "-birthdate")) == by_birth[::-1]
+    await store.create({"resourceType": "Patient", "gender": "female"})  # no birth date: last either way
+    assert (await ids(store, "Patient", ("_sort", "-birthdate")))[:3] == by_birth[::-1]
+    assert (await ids(store, "Patient", ("_sort", "birthdate")))[:3] == by_birth
+    mixed = await ids(store, "Patient", ("_sort", "gender,-birthdate"))
+    assert mixed[:2][0] != mixed[1] and len(mixed) == 4
+    genders = [(await store.read("Patient", id))["gender"] for id in mixed]
+    assert genders == sorted(genders)
+
+
+async def test_the_index_follows_updates_and_deletes(store: ResourceStore, people: dict[str, Any]) -> None:
+    zoe = people["zoe"]
+    await store.update({**zoe, "name": [{"family": "Ward", "given": ["Zoë"]}]})
+    assert await ids(store, "Patient", ("family", "o'brien")) == []
+    assert await ids(store, "Patient", ("family", "ward")) == [zoe["id"]]
+    await store.delete("Patient", zoe["id"])
+    assert await ids(store, "Patient", ("family", "ward")) == []
+    assert await ids(store, "Patient", ("_id", zoe["id"])) == []
+    assert await ids(store, "ServiceRequest", ("patient.identifier", "9990000018")) == []
+
+
+async def test_summary_count_include_and_revinclude(store: ResourceStore, people: dict[str, Any]) -> None:
+    zoe = people["zoe"]["id"]
+    counted = await store.search(parse_search("ServiceRequest", [("_summary", "count")]))
+    assert (counted.total, counted.resources) == (3, [])
+    included = await store.search(
+        parse_search("ServiceRequest", [("patient", zoe), ("_include", "ServiceRequest:patient")])
+    )
+    assert len(included.resources) == 2
+    assert [(r["resourceType"], r["id"]) for r in included.included] == [("Patient", zoe)]  # once, not twice
+    reverse = await store.search(
+        parse_search(
+            "Patient", [("_id", zoe), ("_revinclude", "ServiceRequest:subject"), ("_revinclude", "Observation:subject")]
+        )
+    )
+    assert sorted(r["resourceType"] for r in reverse.included) == ["Observation"] * 2 + ["ServiceRequest"] * 2
+
+
+async def test_pages_are_a_snapshot_that_data_changes_do_not_shift(store: ResourceStore) -> None:
+    made = [
+        await store.create({"resourceType": "Patient", "gender": "other", "birthDate": f"19{n:02d}"}) for n in range(7)
+    ]
+    first = await store.search(parse_search("Patient", [("_count", "3"), ("_sort", "birthdate")]))
+    assert first.total == 7 and first.search_id is not None
+    assert [r["id"] for r in first.resources] == [r["id"] for r in made[:3]]
+    # Meanwhile: a new patient that sorts first, and one of the next page deleted.
+    await store.create({"resourceType": "Patient", "gender": "other", "birthDate": "1850"})
+    await store.delete("Patient", made[4]["id"])
+    second = await store.search_page(first.search_id, 3, 3)
+    assert [r["id"] for r in second.resources] == [made[3]["id"], made[5]["id"]]
+    assert second.total == 7
+    last = await store.search_page(first.search_id, 6, 3)
+    assert [r["id"] for r in last.resources] == [made[6]["id"]]
+    with pytest.raises(Gone):
+        await store.search_page("no-such-search", 0, 3)
+
+
+async def test_conditional_create_finds_none_one_or_several(store: ResourceStore, people: dict[str, Any]) -> None:
+    condition = parse_search("Patient", [("identifier", f"{NHS}|9990000018")])
+    [found] = await store.transaction(
+        [Operation.create(person("9990000018", "X", "Y", "2000"), if_none_exist=condition)]
+    )
+    assert (found.matched, found.created, found.id) == (True, False, people["zoe"]["id"])
+    assert found.resource == people["zoe"]  # unchanged
+    new = parse_search("Patient", [("identifier", f"{NHS}|9990000050")])
+    [made] = await store.transaction([Operation.create(person("9990000050", "New", "N", "2000"), if_none_exist=new)])
+    assert (made.matched, made.created) == (False, True)
+    several = parse_search("Patient", [("identifier", f"{NHS}|")])
+    with pytest.raises(VersionConflict):
+        await store.transaction([Operation.create(person("9990000069", "A", "B", "2000"), if_none_exist=several)])
+
+
+async def test_conditional_update_updates_the_match_or_creates(store: ResourceStore, people: dict[str, Any]) -> None:
+    condition = parse_search("Patient", [("identifier", f"{NHS}|9990000026")])
+    changed = person("9990000026", "Smith", "Samuel", "1980-11-23")
+    [result] = await store.transaction([Operation.update(changed, condition=condition)])
+    assert (result.id, result.version_id, result.created) == (people["sam"]["id"], "2", False)
+    fresh = parse_search("Patient", [("identifier", f"{NHS}|9990000077")])
+    [created] = await store.transaction([Operation.update(person("9990000077", "Z", "Z", "1999"), condition=fresh)])
+    assert created.created and created.version_id == "1"
+
+
+async def test_concurrent_conditional_creates_make_one_resource(store: ResourceStore) -> None:
+    condition = parse_search("Patient", [("identifier", f"{NHS}|9990000085")])
+    results = await asyncio.gather(
+        *(
+            store.transaction([Operation.create(person("9990000085", "Twin", str(n), "2000"), if_none_exist=condition)])
+            for n in range(5)
+        )
+    )
+    assert sum(1 for [result] in results if result.created) == 1
+    assert len({result.id for [result] in results}) == 1
+    assert len(await ids(store, "Patient", ("identifier", "9990000085"))) == 1
+
+
+async def test_a_transaction_rewrites_full_url_references_to_the_ids_it_assigns(store: ResourceStore) -> None:
+    results = await store.transaction(
+        [
+            Operation.create(
+                referral("placeholder", "2026-11-01") | {"subject": {"reference": "urn:uuid:p1"}},
+                full_url="urn:uuid:sr",
+            ),
+            Operation.create(person("9990000093", "Urn", "U", "1970"), full_url="urn:uuid:p1"),
+        ]
+    )
+    patient_id = results[1].id
+    stored = await store.read("ServiceRequest", results[0].id)
+    assert stored["subject"] == {"reference": f"Patient/{patient_id}"}
+    assert await ids(store, "ServiceRequest", ("patient.identifier", "9990000093")) == [results[0].id]
