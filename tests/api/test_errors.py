@@ -162,6 +162,14 @@ async def test_400_for_a_body_that_cannot_be_read(
     assert issue["code"] == code
 
 
+async def test_deeply_nested_json_is_refused_and_the_server_keeps_serving(client: httpx.AsyncClient) -> None:
+    deep = b'{"resourceType": "Patient", "extension": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    [issue] = outcome_issues(await client.post("/fhir/Patient", content=deep, headers=JSON_BODY), 413)
+    assert issue["code"] == "too-costly" and "deep" in issue["diagnostics"]
+    assert (await client.get("/fhir/metadata")).status_code == 200
+    assert await history_total(client) == 0
+
+
 async def test_400_when_the_body_type_is_not_the_url_type(client: httpx.AsyncClient) -> None:
     response = await client.post("/fhir/Practitioner", content=json_format.dumps(patient()), headers=JSON_BODY)
     [issue] = outcome_issues(response, 400)
