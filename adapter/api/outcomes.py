@@ -46,9 +46,24 @@ def outcome(issues: list[dict[str, Any]]) -> dict[str, Any]:
     return {"resourceType": "OperationOutcome", "issue": issues}
 
 
+def _subject(request: Request) -> str | None:
+    """The resource type the request's URL names (``/fhir/Patient/1`` -> ``Patient``), if any."""
+    parts = request.url.path.split("/")
+    for part in parts[2:3]:
+        if part[:1].isupper() and part.isalpha():
+            return part
+    return None
+
+
 def _respond(
     request: Request, status: int, issues: list[dict[str, Any]], headers: dict[str, str] | None = None
 ) -> Response:
+    """The OperationOutcome response. An issue raised about the request as a whole (a resource that
+    is not there, a version conflict, a format we cannot write) gets the resource type of the URL
+    as its FHIRPath expression, so every issue points at something."""
+    subject = _subject(request)
+    if subject is not None:
+        issues = [issue if issue.get("expression") else {**issue, "expression": [subject]} for issue in issues]
     return render(outcome(issues), error_format(request), status, headers)
 
 

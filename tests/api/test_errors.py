@@ -232,3 +232,21 @@ async def test_errors_fall_back_to_json_when_the_request_asked_for_an_unwritable
 ) -> None:
     response = await client.get("/fhir/Patient/no-such", headers={"Accept": "text/csv"})
     outcome_issues(response, 406, FHIR_JSON)
+
+
+async def test_every_error_about_a_resource_names_it_in_an_expression(client: httpx.AsyncClient) -> None:
+    created = await create(client, patient())
+    url = f"/fhir/Patient/{created['id']}"
+    stale = await client.put(url, content=json_format.dumps(created), headers={**JSON_BODY, "If-Match": 'W/"9"'})
+    answers = [
+        (await client.get("/fhir/Patient/nobody"), 404),
+        (stale, 412),
+        (await client.post("/fhir/Patient", content=b"x", headers={"Content-Type": "text/plain"}), 415),
+        (await client.get(url, headers={"Accept": "text/html"}), 406),
+        (await client.delete("/fhir/Patient"), 405),
+    ]
+    await client.delete(url)
+    answers.append((await client.get(url), 410))
+    for response, status in answers:
+        for issue in outcome_issues(response, status):
+            assert issue["expression"] == ["Patient"], (status, issue)
