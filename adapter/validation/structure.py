@@ -35,6 +35,7 @@ from adapter.validation.xhtml import check_xhtml
 __all__ = ["StructuralValidator"]
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+_COMMENTS = "fhir_comments (comments in the pre-R4 JSON form) is not R4 content and is ignored"
 PRIMITIVE, COMPLEX, RESOURCE = 0, 1, 2
 
 # https://hl7.org/fhir/R4/references.html#literal
@@ -223,6 +224,10 @@ class _Walk:
             if spec is None:
                 if key[0] == "_":
                     self.primitive_extras(key, value, specs, node, path)
+                elif key == "fhir_comments":
+                    # XML comments as JSON, a DSTU2 convention that converters still emit: no data, so
+                    # a warning rather than an unknown element (HAPI's parser skips it too).
+                    self.issues.append(Issue("warning", "informational", _COMMENTS, render((path, ".fhir_comments"))))
                 elif not (resource_root and key == "resourceType"):
                     self.error("structure", f"Unknown element '{key}' in {table.ctx.path}", (path, "." + key))
                 continue

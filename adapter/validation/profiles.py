@@ -1,0 +1,828 @@
+"""Profile validation: check resources against StructureDefinitions that constrain R4 (our profiles,
+UK Core, any package), on top of the structural R4 validation.
+
+Profiles with or without snapshots (architecture decision 2). A profile is compiled once into a
+:class:`CompiledProfile`: the constraints of every element it (or a profile it derives from)
+constrains, merged along the ``baseDefinition`` chain down to R4 core, keyed by element id
+(``Patient.identifier:nhsNumber.system``). Without a snapshot the differentials are merged, most
+derived last; with a snapshot its elements are used, minus what R4 core already says (R4 core is
+checked by :class:`~adapter.validation.structure.StructuralValidator`). For validation the chain is
+a conjunction of constraints, so merging differentials in order is enough; no full snapshot is built.
+
+The walk visits only the parts of a resource that some element of the profile constrains, and checks
+(https://hl7.org/fhir/R4/profiling.html, https://hl7.org/fhir/R4/elementdefinition.html):
+cardinality, types (choice restrictions), ``fixed[x]`` and ``pattern[x]``, bindings (required: error,
+extensible: warning; a ValueSet that cannot be expanded here gives an information issue "not
+checked"), invariants (FHIRPath), min/max values and maxLength, ``type.profile`` (extensions are
+checked against their definitions) and ``targetProfile`` (a reference that resolves inside the Bundle
+or to a contained resource is checked against the target profile; otherwise its type is), and
+slicing: discriminators ``value``, ``pattern``, ``exists``, ``type`` and ``profile``; open, closed and
+openAtEnd rules; ordered slicing; per-slice cardinality; slices inside slices. Extensions are sliced
+by ``url`` whether or not a profile says so (as in R4 core). Extensions no profile mentions are
+checked against their definition when one is loaded; an unknown URL gets a warning (an error on a
+modifierExtension) with a "did you mean" hint when a known URL is close.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from functools import cache
+from typing import Any
+
+from adapter.fhir import fhirpath, model
+from adapter.validation.base import Issue
+from adapter.validation.packages import PackageSet
+from adapter.validation.structure import StructuralValidator
+from adapter.validation.terminology import LocalTerminology, Terminology
+
+__all__ = ["CompiledProfile", "ProfileValidator", "Rule"]
+
+CORE_PREFIX = "http://hl7.org/fhir/StructureDefinition/"
+_UNSET: Any = object()
+_EXTENSIONS = ("extension", "modifierExtension")
+_URL_SLICING: dict[str, Any] = {"discriminator": [{"type": "value", "path": "url"}], "rules": "open"}
+_TYPE_SLICING: dict[str, Any] = {"discriminator": [{"type": "type", "path": "$this"}], "rules": "open"}
+
+
+def _number(value: Any) -> Any:
+    """Numbers compared as Decimal whatever parsed them (profiles are read with float, resources with Decimal)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+        return value
+    return Decimal(str(value))
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return bool(_number(a) == _number(b))
+
+
+def _contains(value: Any, pattern: Any) -> bool:
+    """``pattern[x]`` semantics: every element of the pattern is in the value; array items each match
+    some item (https://hl7.org/fhir/R4/elementdefinition-definitions.html#ElementDefinition.pattern_x_)."""
+    if isinstance(pattern, dict):
+        return isinstance(value, dict) and all(k in value and _contains(value[k], v) for k, v in pattern.items())
+    if isinstance(pattern, list):
+        items = value if isinstance(value, list) else [value]
+        return all(any(_contains(item, p) for item in items) for p in pattern)
+    return bool(_number(value) == _number(pattern))
+
+
+@dataclass(slots=True)
+class Rule:
+    """The merged constraints of one element id of a profile."""
+
+    id: str
+    source: str
+    min: int | None = None
+    max: str | None = None
+    types: list[dict[str, Any]] | None = None
+    fixed: Any = _UNSET
+    pattern: Any = _UNSET
+    binding: dict[str, Any] | None = None
+    constraints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    slicing: dict[str, Any] | None = None
+    slice_name: str | None = None
+    must_support: bool = False
+    min_value: Any = _UNSET
+    max_value: Any = _UNSET
+    max_length: int | None = None
+
+    def type_codes(self) -> set[str]:
+        return {t["code"] for t in self.types or () if isinstance(t.get("code"), str)}
+
+    def profiles(self) -> list[str]:
+        return [p for t in self.types or () for p in t.get("profile") or ()]
+
+    def target_profiles(self) -> list[str]:
+        return [p for t in self.types or () for p in t.get("targetProfile") or ()]
+
+
+@dataclass(slots=True)
+class _Group:
+    """The children called ``name`` of one element: the element's own rule, and its slices."""
+
+    name: str
+    id: str
+    slices: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class CompiledProfile:
+    url: str
+    name: str
+    type: str
+    rules: dict[str, Rule]
+    groups: dict[str, dict[str, _Group]]
+    context: list[dict[str, Any]] = field(default_factory=list)
+
+
+@cache
+def _choices() -> dict[str, dict[str, str]]:
+    return model.choice_suffixes()
+
+
+def _segments(element_id: str) -> list[str]:
+    """``Patient.identifier:nhsNumber.system`` -> ``["Patient", "identifier:nhsNumber", "system"]``
+    (slice names may contain dots only in ``url``-style names, which R4 ids do not use)."""
+    return element_id.split(".")
+
+
+def _normalise_id(element_id: str) -> str:
+    """Write a choice element named by its type (``Observation.valueQuantity``) as the type slice
+    ``Observation.value[x]:valueQuantity`` (https://hl7.org/fhir/R4/profiling.html#slicing)."""
+    choices = _choices()
+    parts = _segments(element_id)
+    for i, part in enumerate(parts[1:], 1):
+        name = part.split(":", 1)[0]
+        if name.endswith("[x]"):
+            continue
+        for base, suffixes in choices.items():
+            if name.startswith(base) and name[len(base) :] in suffixes and name != base:
+                slice_part = part.split(":", 1)[1] if ":" in part else name
+                parts[i] = f"{base}[x]:{slice_part}"
+                break
+    return ".".join(parts)
+
+
+def _merge(rules: dict[str, Rule], element: dict[str, Any], source: str, core: bool) -> None:
+    element_id = element.get("id") or element.get("path")
+    if not isinstance(element_id, str):
+        return
+    element_id = _normalise_id(element_id)
+    rule = rules.get(element_id)
+    if rule is None:
+        rule = rules[element_id] = Rule(element_id, source)
+    if "sliceName" in element:
+        rule.slice_name = element["sliceName"]
+    if not core:
+        if "min" in element:
+            rule.min = element["min"]
+        if "max" in element:
+            rule.max = element["max"]
+        if "type" in element:
+            rule.types = element["type"]
+        if "binding" in element and isinstance(element["binding"].get("valueSet"), str):
+            rule.binding = element["binding"]
+        if "slicing" in element:
+            rule.slicing = element["slicing"]
+    for key, value in element.items():
+        if key.startswith("fixed"):
+            rule.fixed = value
+        elif key.startswith("pattern"):
+            rule.pattern = value
+        elif key.startswith("minValue"):
+            rule.min_value = value
+        elif key.startswith("maxValue"):
+            rule.max_value = value
+    if "maxLength" in element:
+        rule.max_length = element["maxLength"]
+    if element.get("mustSupport"):
+        rule.must_support = True
+    for constraint in element.get("constraint") or ():
+        source_url = constraint.get("source", "")
+        if isinstance(constraint.get("expression"), str) and not (core and source_url.startswith(CORE_PREFIX)):
+            rule.constraints[constraint["key"]] = constraint
+    rule.source = source
+
+
+def _core_element(path: str) -> model.ElementDef | None:
+    type_name, _, rest = path.partition(".")
+    try:
+        return model.type_model(type_name).elements.get(path) if rest else None
+    except KeyError:
+        return None
+
+
+def _snapshot_elements(sd: dict[str, Any]) -> list[tuple[dict[str, Any], bool]]:
+    """The snapshot's elements, each with whether it only repeats R4 core (then only its non-core
+    facts count: fixed/pattern values, slices, invariants of its own)."""
+    out: list[tuple[dict[str, Any], bool]] = []
+    for element in sd["snapshot"]["element"]:
+        core = _core_element(element.get("path", ""))
+        same = (
+            core is not None
+            and ":" not in element.get("id", "")
+            and str(element.get("min")) == str(core.raw.get("min"))
+            and str(element.get("max")) == str(core.raw.get("max"))
+            and "slicing" not in element
+            and "binding" not in element
+        )
+        out.append((element, same))
+    return out
+
+
+class ProfileError(Exception):
+    """A profile that cannot be compiled: its base is missing or it is not a StructureDefinition."""
+
+
+def compile_profile(url: str, packages: PackageSet) -> CompiledProfile:
+    chain: list[dict[str, Any]] = []
+    current = packages.resource(url)
+    if current is None or current.get("resourceType") != "StructureDefinition":
+        raise ProfileError(f"profile {url} is not in the loaded packages")
+    while current is not None and current.get("derivation") == "constraint":
+        chain.append(current)
+        base = current.get("baseDefinition")
+        if not isinstance(base, str) or (base.startswith(CORE_PREFIX) and packages.resource(base) is None):
+            current = None
+            break
+        current = packages.resource(base)
+        if current is None:
+            raise ProfileError(f"profile {chain[-1]['url']} derives from {base}, which is not in the loaded packages")
+    rules: dict[str, Rule] = {}
+    for sd in reversed(chain):
+        source = sd.get("name") or sd.get("id") or sd["url"]
+        if sd.get("snapshot", {}).get("element"):
+            for element, core in _snapshot_elements(sd):
+                _merge(rules, element, source, core)
+        for element in sd.get("differential", {}).get("element") or ():
+            _merge(rules, element, source, False)
+    profile = chain[0]
+    root = profile["type"]
+    groups: dict[str, dict[str, _Group]] = {}
+    for element_id in list(rules):
+        parts = _segments(element_id)
+        for depth in range(1, len(parts)):
+            parent = ".".join(parts[:depth])
+            name, _, slice_name = parts[depth].partition(":")
+            group_id = f"{parent}.{name}"
+            group = groups.setdefault(parent, {}).setdefault(name, _Group(name, group_id))
+            if slice_name:
+                group.slices.setdefault(slice_name, f"{group_id}:{slice_name}")
+            # A slice's own children hang under the slice's id, not the group's.
+            parts_id = ".".join(parts[: depth + 1])
+            if parts_id not in rules:
+                rules.setdefault(parts_id, Rule(parts_id, profile.get("name", url)))
+    name = profile.get("name") or profile.get("id") or url
+    return CompiledProfile(url, name, root, rules, groups, list(profile.get("context") or ()))
+
+
+@dataclass(slots=True)
+class _Item:
+    value: Any
+    ext: Any
+    type: str | None
+    where: str
+
+    @property
+    def node(self) -> dict[str, Any]:
+        """The object whose properties are this item's children (a primitive's ``_name`` part)."""
+        if isinstance(self.value, dict):
+            return self.value
+        return self.ext if isinstance(self.ext, dict) else {}
+
+    @property
+    def fhirpath_value(self) -> Any:
+        if isinstance(self.value, dict) or self.ext is None:
+            return self.value
+        return fhirpath.Prim(self.value, self.ext)
+
+
+def _items(node: dict[str, Any], name: str, where: str) -> list[_Item]:
+    """The values of property ``name`` (``value[x]``: any ``value<Type>``) with their FHIRPath."""
+    if name.endswith("[x]"):
+        base = name[:-3]
+        suffixes = _choices().get(base, {})
+        out: list[_Item] = []
+        for key in node:
+            if key.startswith(base) and key[len(base) :] in suffixes:
+                code = suffixes[key[len(base) :]]
+                out.append(_Item(node[key], node.get("_" + key), code, f"{where}.{base}.ofType({code})"))
+        return out
+    value, ext = node.get(name), node.get("_" + name)
+    if value is None and ext is None:
+        return []
+    if isinstance(value, list) or isinstance(ext, list):
+        values = value if isinstance(value, list) else []
+        exts = ext if isinstance(ext, list) else []
+        count = max(len(values), len(exts))
+        return [
+            _Item(
+                values[i] if i < len(values) else None,
+                exts[i] if i < len(exts) else None,
+                None,
+                f"{where}.{name}[{i}]",
+            )
+            for i in range(count)
+        ]
+    return [_Item(value, ext, None, f"{where}.{name}")]
+
+
+def _navigate(values: list[Any], path: str) -> list[Any]:
+    """A simple discriminator path (``system``, ``coding.code``, ``url``) over JSON values."""
+    for part in path.split("."):
+        if part == "$this":
+            continue
+        found: list[Any] = []
+        for value in values:
+            if isinstance(value, dict):
+                child = value.get(part)
+                if isinstance(child, list):
+                    found.extend(child)
+                elif child is not None:
+                    found.append(child)
+        values = found
+    return values
+
+
+def _codes(value: Any) -> list[tuple[str | None, str]]:
+    """(system, code) pairs of a coded value: code, Coding, CodeableConcept, Quantity, string, uri."""
+    if isinstance(value, str):
+        return [(None, value)]
+    if isinstance(value, dict):
+        if "coding" in value:
+            return [(c.get("system"), c["code"]) for c in value.get("coding") or () if isinstance(c.get("code"), str)]
+        if isinstance(value.get("code"), str):
+            return [(value.get("system"), value["code"])]
+    return []
+
+
+class ProfileValidator:
+    """The ``Validator`` seam with profiles: structural R4 validation, then each profile that applies.
+
+    Profiles come from ``profiles`` (``--profile``), else ``meta.profile``, else ``defaults`` (by
+    resource type); Bundle entries and contained resources are checked against their own.
+    ``must_support`` reports absent mustSupport elements as information issues.
+    """
+
+    def __init__(
+        self,
+        packages: PackageSet,
+        *,
+        terminology: Terminology | None = None,
+        defaults: dict[str, list[str]] | None = None,
+        must_support: bool = False,
+        structural: StructuralValidator | None = None,
+    ) -> None:
+        self.packages = packages
+        self.terminology = terminology or LocalTerminology(packages.resource)
+        self.defaults = defaults or {}
+        self.must_support = must_support
+        self.structural = structural or StructuralValidator()
+        self._compiled: dict[str, CompiledProfile | ProfileError] = {}
+        self._extension_urls: list[str] | None = None
+
+    def profile(self, url: str) -> CompiledProfile:
+        found = self._compiled.get(url)
+        if found is None:
+            try:
+                found = compile_profile(url, self.packages)
+            except ProfileError as exc:
+                found = exc
+            self._compiled[url] = found
+        if isinstance(found, ProfileError):
+            raise found
+        return found
+
+    def known_extensions(self) -> list[str]:
+        if self._extension_urls is None:
+            self._extension_urls = sorted(
+                sd["url"] for sd in self.packages.structure_definitions() if sd.get("type") == "Extension"
+            )
+        return self._extension_urls
+
+    def validate(self, resource: Any, profiles: Sequence[str] = ()) -> list[Issue]:
+        issues = list(self.structural.validate(resource))
+        if isinstance(resource, dict):
+            run = _Run(self, resource)
+            run.resource(resource, resource.get("resourceType", "Resource"), list(profiles), None)
+            issues += run.issues
+        return list(dict.fromkeys(issues))
+
+
+class _Run:
+    """One validation of one (top-level) resource: its issues, and what it has seen."""
+
+    def __init__(self, validator: ProfileValidator, root: dict[str, Any]) -> None:
+        self.v = validator
+        self.root = root
+        self.issues: list[Issue] = []
+        self.checked_extensions: set[int] = set()
+        self.not_checked: set[str] = set()
+        resolve = fhirpath.bundle_resolver(root) if root.get("resourceType") == "Bundle" else None
+        self.resolve: Callable[[str], dict[str, Any] | None] | None = resolve
+
+    # -- issues ----------------------------------------------------------------------------------
+
+    def add(self, severity: str, code: str, message: str, where: str, label: str) -> None:
+        self.issues.append(Issue(severity, code, f"{label}{message}", where))
+
+    # -- resources -------------------------------------------------------------------------------
+
+    def resource(self, resource: dict[str, Any], where: str, explicit: list[str], label: str | None) -> None:
+        type = resource.get("resourceType")
+        if not isinstance(type, str):
+            return
+        meta: dict[str, Any] = resource["meta"] if isinstance(resource.get("meta"), dict) else {}
+        declared = [p for p in meta.get("profile") or () if isinstance(p, str)]
+        urls = explicit or declared or self.v.defaults.get(type, [])
+        prefix = label or ""
+        for url in dict.fromkeys(urls):
+            try:
+                profile = self.v.profile(url)
+            except ProfileError as exc:
+                severity = "error" if url in explicit else "warning"
+                self.add(severity, "not-found", f"{exc} (not checked)", where, prefix)
+                continue
+            if profile.type != type:
+                self.add("error", "invalid", f"profile {url} is for {profile.type}, not {type}", where, prefix)
+                continue
+            self.check(profile, resource, where, f"{prefix}{profile.name}: ")
+        self.sweep_extensions(resource, where, prefix)
+        for i, contained in enumerate(resource.get("contained") or ()):
+            if isinstance(contained, dict):
+                self.resource(contained, f"{where}.contained[{i}]", [], prefix)
+        if type == "Bundle":
+            for i, entry in enumerate(resource.get("entry") or ()):
+                inner = entry.get("resource") if isinstance(entry, dict) else None
+                if isinstance(inner, dict):
+                    name = (
+                        f"{inner.get('resourceType')}/{inner.get('id')}"
+                        if inner.get("id")
+                        else inner.get("resourceType")
+                    )
+                    full_url = entry.get("fullUrl")
+                    entry_label = f"entry {i} ({full_url}, {name}) " if full_url else f"entry {i} ({name}) "
+                    self.resource(inner, f"{where}.entry[{i}].resource", [], entry_label)
+
+    def conforms(self, value: Any, url: str, where: str) -> bool:
+        """Whether ``value`` (a resource or datatype) meets profile ``url``, without reporting."""
+        try:
+            profile = self.v.profile(url)
+        except ProfileError:
+            return False
+        saved, self.issues = self.issues, []
+        try:
+            if isinstance(value, dict) and "resourceType" in value:
+                if value.get("resourceType") != profile.type:
+                    return False
+                structural = [i for i in self.v.structural.validate(value) if i.is_error]
+                if structural:
+                    return False
+            self.check(profile, value, where, "")
+            return not any(issue.is_error for issue in self.issues)
+        finally:
+            self.issues = saved
+
+    # -- one profile -----------------------------------------------------------------------------
+
+    def check(self, profile: CompiledProfile, node: Any, where: str, label: str) -> None:
+        root_rule = profile.rules.get(profile.type)
+        item = _Item(node, None, profile.type, where)
+        if root_rule is not None:
+            self.rule(profile, root_rule, [item], where, label, node)
+        self.children(profile, profile.type, item.node, where, label, node)
+
+    def children(
+        self, profile: CompiledProfile, element_id: str, node: dict[str, Any], where: str, label: str, resource: Any
+    ) -> None:
+        for name, group in profile.groups.get(element_id, {}).items():
+            items = _items(node, name, where)
+            rule = profile.rules.get(group.id)
+            if rule is not None:
+                self.rule(profile, rule, items, f"{where}.{name.removesuffix('[x]')}", label, resource)
+            if group.slices:
+                self.slices(profile, group, rule, items, where, label, resource)
+            if profile.groups.get(group.id):
+                for item in items:
+                    self.children(profile, group.id, item.node, item.where, label, resource)
+
+    def slices(
+        self,
+        profile: CompiledProfile,
+        group: _Group,
+        rule: Rule | None,
+        items: list[_Item],
+        where: str,
+        label: str,
+        resource: Any,
+    ) -> None:
+        slicing: dict[str, Any] | None = (rule.slicing if rule else None) or (
+            _URL_SLICING if group.name in _EXTENSIONS else None
+        )
+        if slicing is None:
+            # Type slices of a choice element (value[x]:valueQuantity) need no slicing element.
+            slicing = _TYPE_SLICING
+        discriminators: list[dict[str, Any]] = slicing.get("discriminator") or []
+        described = ", ".join(f"{d.get('type')}:{d.get('path')}" for d in discriminators)
+        assigned: dict[str, list[_Item]] = {name: [] for name in group.slices}
+        order: list[int] = []
+        names = list(group.slices)
+        for item in items:
+            slice_name = next(
+                (n for n in names if self.matches(profile, group.slices[n], item, discriminators, resource)), None
+            )
+            if slice_name is None:
+                order.append(len(names))
+                if slicing.get("rules") == "closed":
+                    self.add(
+                        "error",
+                        "structure",
+                        f"{group.id}: this item matches none of the slices {names} (closed slicing, {described})",
+                        item.where,
+                        label,
+                    )
+                continue
+            order.append(names.index(slice_name))
+            assigned[slice_name].append(item)
+            if group.name in _EXTENSIONS and isinstance(item.value, dict):
+                self.checked_extensions.add(id(item.value))
+        if slicing.get("ordered") and order != sorted(order):
+            self.add("error", "structure", f"{group.id}: the slices are out of order ({described})", where, label)
+        unmatched = len(names)
+        if slicing.get("rules") == "openAtEnd" and unmatched in order:
+            first_unmatched = order.index(unmatched)
+            if any(o != unmatched for o in order[first_unmatched:]):
+                self.add("error", "structure", f"{group.id}: unmatched items must come last (openAtEnd)", where, label)
+        for slice_name, slice_id in group.slices.items():
+            slice_rule = profile.rules.get(slice_id)
+            slice_items = assigned[slice_name]
+            if slice_rule is not None:
+                slice_label = f"{label}slice {slice_name} ({described}): "
+                self.rule(
+                    profile, slice_rule, slice_items, f"{where}.{group.name.removesuffix('[x]')}", slice_label, resource
+                )
+            if profile.groups.get(slice_id):
+                for item in slice_items:
+                    self.children(profile, slice_id, item.node, item.where, label, resource)
+
+    def matches(
+        self, profile: CompiledProfile, slice_id: str, item: _Item, discriminators: list[dict[str, Any]], resource: Any
+    ) -> bool:
+        if not discriminators:
+            return False
+        for discriminator in discriminators:
+            kind, path = discriminator.get("type"), discriminator.get("path", "$this")
+            if kind in ("value", "pattern"):
+                expected, how = self.expected(profile, slice_id, path)
+                if expected is _UNSET:
+                    return False
+                actual = [item.value] if path == "$this" else _navigate([item.node], path)
+                test = _equal if how == "fixed" else _contains
+                if not any(test(value, expected) for value in actual):
+                    return False
+            elif kind == "exists":
+                rule = profile.rules.get(f"{slice_id}.{path}")
+                present = bool(_navigate([item.node], path))
+                if rule is not None and (rule.min or 0) > 0 and not present:
+                    return False
+                if rule is not None and rule.max == "0" and present:
+                    return False
+            elif kind == "type":
+                rule = profile.rules.get(slice_id if path == "$this" else f"{slice_id}.{path}")
+                codes = rule.type_codes() if rule else set()
+                if path == "$this":
+                    actual_type = item.type or ""
+                else:
+                    values = _navigate([item.node], path)
+                    actual_type = values[0].get("resourceType", "") if values and isinstance(values[0], dict) else ""
+                if not codes or actual_type not in codes:
+                    return False
+            elif kind == "profile":
+                target_path = path.replace("resolve()", "").strip(".")
+                rule = profile.rules.get(slice_id if not target_path else f"{slice_id}.{target_path}")
+                urls = (rule.profiles() or rule.target_profiles()) if rule else []
+                candidates = self.targets(item, path)
+                if not urls or not any(self.conforms(c, url, item.where) for c in candidates for url in urls):
+                    return False
+            else:
+                return False
+        return True
+
+    def targets(self, item: _Item, path: str) -> list[Any]:
+        values: list[Any] = [item.value]
+        for part in path.split("."):
+            if part in ("$this", ""):
+                continue
+            if part == "resolve()":
+                values = [self.lookup(v) for v in values]
+                values = [v for v in values if v is not None]
+            else:
+                values = _navigate(values, part)
+        return values
+
+    def lookup(self, reference: Any) -> dict[str, Any] | None:
+        text = reference.get("reference") if isinstance(reference, dict) else reference
+        if not isinstance(text, str):
+            return None
+        if text.startswith("#"):
+            for contained in self.root.get("contained") or ():
+                if isinstance(contained, dict) and contained.get("id") == text[1:]:
+                    return contained
+            return None
+        return self.resolve(text) if self.resolve is not None else None
+
+    def expected(self, profile: CompiledProfile, slice_id: str, path: str) -> tuple[Any, str]:
+        """The fixed or pattern value a slice requires at ``path``: from the element at that path, or
+        from a fixed/pattern value higher up, or (for ``url`` on extensions) the extension's profile."""
+        parts = [] if path == "$this" else path.split(".")
+        for depth in range(len(parts), -1, -1):
+            rule = profile.rules.get(".".join([slice_id, *parts[:depth]]))
+            if rule is None:
+                continue
+            for value, how in ((rule.fixed, "fixed"), (rule.pattern, "pattern")):
+                if value is not _UNSET:
+                    below = _navigate([value], ".".join(parts[depth:])) if parts[depth:] else [value]
+                    if below:
+                        return below[0], how
+        if parts == ["url"]:
+            rule = profile.rules.get(slice_id)
+            urls = rule.profiles() if rule else []
+            if urls:
+                return urls[0], "fixed"
+        return _UNSET, ""
+
+    # -- one element -----------------------------------------------------------------------------
+
+    def rule(
+        self, profile: CompiledProfile, rule: Rule, items: list[_Item], where: str, label: str, resource: Any
+    ) -> None:
+        element = rule.id
+        if rule.min is not None and len(items) < rule.min:
+            self.add("error", "required", f"{element}: at least {rule.min} required, found {len(items)}", where, label)
+        if rule.max not in (None, "*") and len(items) > int(rule.max or 0):
+            self.add("error", "structure", f"{element}: at most {rule.max} allowed, found {len(items)}", where, label)
+        if self.v.must_support and rule.must_support and not items:
+            self.add("information", "informational", f"{element}: mustSupport element is absent", where, label)
+        codes = rule.type_codes()
+        for item in items:
+            value = item.value
+            if codes and item.type is not None and item.type not in codes and element != profile.type:
+                self.add(
+                    "error",
+                    "structure",
+                    f"{element}: type {item.type} is not allowed here ({sorted(codes)})",
+                    item.where,
+                    label,
+                )
+            if rule.fixed is not _UNSET and not _equal(value, rule.fixed):
+                self.add("error", "value", f"{element}: must be exactly {_show(rule.fixed)}", item.where, label)
+            if rule.pattern is not _UNSET and not _contains(value, rule.pattern):
+                self.add(
+                    "error", "value", f"{element}: must match the pattern {_show(rule.pattern)}", item.where, label
+                )
+            if rule.binding is not None and value is not None:
+                self.binding(rule, value, item.where, label)
+            if rule.max_length is not None and isinstance(value, str) and len(value) > rule.max_length:
+                self.add("error", "too-long", f"{element}: longer than {rule.max_length} characters", item.where, label)
+            if rule.min_value is not _UNSET and _below(value, rule.min_value):
+                self.add("error", "value", f"{element}: below the minimum {rule.min_value}", item.where, label)
+            if rule.max_value is not _UNSET and _below(rule.max_value, value):
+                self.add("error", "value", f"{element}: above the maximum {rule.max_value}", item.where, label)
+            for constraint in rule.constraints.values():
+                self.invariant(constraint, item, resource, label, element)
+            if isinstance(value, dict):
+                for url in rule.profiles():
+                    if element == profile.type:
+                        continue
+                    self.datatype_profile(url, item, label)
+                targets = rule.target_profiles()
+                if targets and "reference" in value:
+                    self.reference(targets, value, item.where, label, element)
+
+    def binding(self, rule: Rule, value: Any, where: str, label: str) -> None:
+        binding = rule.binding or {}
+        strength = binding.get("strength")
+        value_set = binding["valueSet"]
+        if strength not in ("required", "extensible"):
+            return
+        codes = _codes(value)
+        if not codes:
+            return
+        answers = [self.v.terminology.contains(value_set, system, code) for system, code in codes]
+        if any(answer is True for answer in answers):
+            return
+        if any(answer is None for answer in answers):
+            if value_set not in self.not_checked:
+                self.not_checked.add(value_set)
+                self.add(
+                    "information",
+                    "informational",
+                    f"{rule.id}: not checked: {value_set} (cannot be expanded here)",
+                    where,
+                    label,
+                )
+            return
+        shown = ", ".join(f"{s}|{c}" if s else c for s, c in codes)
+        severity = "error" if strength == "required" else "warning"
+        self.add(
+            severity, "code-invalid", f"{rule.id}: {shown} is not in {value_set} ({strength} binding)", where, label
+        )
+
+    def invariant(self, constraint: dict[str, Any], item: _Item, resource: Any, label: str, element: str) -> None:
+        try:
+            compiled = fhirpath.compile_expression(constraint["expression"])
+            env = fhirpath.Env(resource=resource, root_resource=self.root, resolve=self.resolve)
+            result = compiled.test(item.fhirpath_value, env)
+        except fhirpath.FHIRPathError as exc:
+            self.add(
+                "warning",
+                "informational",
+                f"{element}: invariant {constraint.get('key')} not checked: {exc}",
+                item.where,
+                label,
+            )
+            return
+        if result is False:
+            severity = "error" if constraint.get("severity") == "error" else "warning"
+            self.add(
+                severity, "invariant", f"{constraint.get('key')}: {constraint.get('human', '')}", item.where, label
+            )
+
+    def datatype_profile(self, url: str, item: _Item, label: str) -> None:
+        try:
+            profile = self.v.profile(url)
+        except ProfileError as exc:
+            self.add("information", "informational", f"{exc} (not checked)", item.where, label)
+            return
+        if profile.type == "Extension":
+            self.checked_extensions.add(id(item.value))
+        self.check(profile, item.value, item.where, f"{label}{profile.name}: ")
+
+    def reference(self, targets: list[str], value: dict[str, Any], where: str, label: str, element: str) -> None:
+        text = value.get("reference")
+        if not isinstance(text, str):
+            return
+        found = self.lookup(text)
+        if found is not None:
+            if not any(self.conforms(found, url, where) for url in targets):
+                self.add(
+                    "error", "invalid", f"{element}: {text} does not conform to {' or '.join(targets)}", where, label
+                )
+            return
+        types: set[str] = set()
+        for url in targets:
+            if url.startswith(CORE_PREFIX) and self.v.packages.resource(url) is None:
+                types.add(url.removeprefix(CORE_PREFIX))
+            else:
+                sd = self.v.packages.resource(url)
+                if sd is not None and isinstance(sd.get("type"), str):
+                    types.add(sd["type"])
+        match = re.search(r"([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(?:/_history/[^/]+)?$", text)
+        if match and types and match.group(1) not in types:
+            self.add(
+                "error",
+                "invalid",
+                f"{element}: {text} is not a reference to {' or '.join(sorted(types))}",
+                where,
+                label,
+            )
+
+    # -- extensions no profile mentions ------------------------------------------------------------
+
+    def sweep_extensions(self, resource: dict[str, Any], where: str, label: str) -> None:
+        stack: list[tuple[Any, str]] = [(resource, where)]
+        while stack:
+            node, path = stack.pop()
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if key in ("contained", "resource") and path != where:
+                        continue
+                    if key == "contained":
+                        continue
+                    if key in _EXTENSIONS and isinstance(value, list):
+                        for i, extension in enumerate(value):
+                            self.extension(extension, key, f"{path}.{key}[{i}]", label)
+                    child = f"{path}.{key.lstrip('_')}"
+                    if isinstance(value, list):
+                        stack.extend((v, f"{child}[{i}]") for i, v in enumerate(value) if isinstance(v, dict))
+                    elif isinstance(value, dict):
+                        stack.append((value, child))
+
+    def extension(self, extension: Any, kind: str, where: str, label: str) -> None:
+        if not isinstance(extension, dict) or id(extension) in self.checked_extensions:
+            return
+        url = extension.get("url")
+        if not isinstance(url, str) or ("://" not in url and not url.startswith("urn:")):
+            return  # a sub-extension of a complex extension: its parent checks it
+        self.checked_extensions.add(id(extension))
+        if self.v.packages.resource(url) is not None:
+            self.datatype_profile(url, _Item(extension, None, "Extension", where), label)
+            return
+        if url.startswith(CORE_PREFIX):
+            return  # an R4 core extension: its definition is not loaded
+        hint = difflib.get_close_matches(url, self.v.known_extensions(), n=1, cutoff=0.8)
+        did_you_mean = f"; did you mean {hint[0]}?" if hint else ""
+        severity = "error" if kind == "modifierExtension" else "warning"
+        self.add(severity, "extension", f"unknown extension {url}{did_you_mean}", where, label)
+
+
+def _below(a: Any, b: Any) -> bool:
+    try:
+        return bool(_number(a) < _number(b))
+    except TypeError:
+        return bool(str(a) < str(b)) if isinstance(a, str) and isinstance(b, str) else False
+
+
+def _show(value: Any) -> str:
+    import json
+
+    text = json.dumps(value, default=str, separators=(",", ":"))
+    return text if len(text) < 120 else text[:117] + "..."
