@@ -13,7 +13,7 @@ This is the only module that reads the environment for configuration (architectu
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1)
     max_body_bytes: int = Field(default=10_000_000, ge=1)
     demo: bool = False
+    #: One log line per request (uvicorn's access log); off by default: it costs about 4% of
+    #: throughput (docs/benchmarks.md) and a proxy in front usually logs requests anyway.
+    access_log: bool = False
+    #: SQLite durability: NORMAL (default; survives a killed process) or FULL (also a power cut).
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
 
     @field_validator("database")
     @classmethod
@@ -72,7 +77,7 @@ def check_database_url(database: str) -> None:
     )
 
 
-def open_store(database: str) -> ResourceStore:
+def open_store(database: str, *, sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL") -> ResourceStore:
     """The store for ``database``: :class:`SQLiteStore` for ``sqlite://``, :class:`PostgresStore` for
     ``postgresql://`` (connects on first use). Raises :class:`DatabaseURLError` for anything else."""
     check_database_url(database)
@@ -83,7 +88,7 @@ def open_store(database: str) -> ResourceStore:
         from adapter.store.sqlite import SQLiteStore
 
         try:
-            return SQLiteStore(path)
+            return SQLiteStore(path, synchronous=sqlite_synchronous)
         except sqlite3.Error as exc:
             raise DatabaseURLError(f"cannot open SQLite database {path!r}: {exc}") from exc
     from adapter.store.postgres import PostgresStore

@@ -239,3 +239,17 @@ def test_an_independent_fhir_client(server: tuple[str, subprocess.Popen[bytes], 
     assert sorted(p["id"] for p in patients) == ["demo-patient-1", "demo-patient-2", "demo-patient-3"]
     assert client.resources("Observation").search(patient="demo-patient-1").count() == 2  # WEMWBS 38 and 51
     assert client.resources("Observation").search(patient="demo-patient-2").count() == 1  # the one made above
+
+
+def test_the_listening_socket_is_tcp_so_keep_alive_requests_do_not_stall() -> None:
+    """asyncio sets TCP_NODELAY only on sockets made with proto=IPPROTO_TCP; without it every
+    keep-alive request after the first waits for the client's delayed ACK (~40 ms)."""
+    import socket as sockets
+
+    from adapter.serve import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == sockets.IPPROTO_TCP and sock.type == sockets.SOCK_STREAM
+    finally:
+        sock.close()

@@ -6,7 +6,10 @@ See https://hl7.org/fhir/R4/http.html. Routes come from the one table in
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+from starlette.routing import Route
 
 from adapter.api import outcomes
 from adapter.api.interactions import BASE, ROUTES, Services
@@ -15,6 +18,16 @@ from adapter.validation import Validator
 from adapter.validation.structure import StructuralValidator
 
 __all__ = ["create_app"]
+
+
+def _endpoint(handler: Callable[..., Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """A Starlette endpoint calling ``handler(request, **path parameters)``."""
+
+    async def endpoint(request: Request) -> Response:
+        return await handler(request, **request.path_params)
+
+    endpoint.handler = handler  # type: ignore[attr-defined]
+    return endpoint
 
 
 def create_app(
@@ -30,11 +43,10 @@ def create_app(
     app = FastAPI(title="sp-fhir-adapter FHIR R4 API", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.services = Services(store, validator or StructuralValidator(), max_body_bytes)
     for route in ROUTES:
-        app.add_api_route(
-            BASE + route.path,
-            route.handler,
-            methods=[route.method],
-            name=route.interaction,
+        # Plain Starlette routes: the handlers read what they need from the request themselves,
+        # so FastAPI's per-request parameter machinery would only cost time (about 0.1 ms).
+        app.router.routes.append(
+            Route(BASE + route.path, _endpoint(route.handler), methods=[route.method], name=route.interaction)
         )
     outcomes.install(app)
     return app

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import Query, Request, Response
+from fastapi import Request, Response
 
 from adapter.api import json_patch
 from adapter.api.bundles import process_bundle
@@ -156,34 +156,41 @@ async def delete(request: Request, type: str, id: str) -> Response:
 
 
 # https://hl7.org/fhir/R4/http.html#history: _count and _since.
-Count = Annotated[int | None, Query(alias="_count", ge=0)]
-Since = Annotated[str | None, Query(alias="_since")]
+def _history_parameters(request: Request) -> tuple[int | None, datetime | None]:
+    """``_count`` (a whole number) and ``_since`` (an instant) of a history request."""
+    count = request.query_params.get("_count")
+    if count is not None and not count.isdecimal():
+        raise InputError(f"_count {count!r} is not a whole number", expression="_count")
+    return (None if count is None else int(count)), _instant(request.query_params.get("_since"))
 
 
-async def history_instance(request: Request, type: str, id: str, count: Count = None, since: Since = None) -> Response:
+async def history_instance(request: Request, type: str, id: str) -> Response:
     """See: https://hl7.org/fhir/R4/http.html#history"""
     fmt = response_format(request)
     check_type(type)
     check_id(id)
     store = services(request).store
-    entries = await store.history(type, id, _instant(since), count)
+    count, since = _history_parameters(request)
+    entries = await store.history(type, id, since, count)
     if not entries and not await store.history(type, id, count=1):
         raise NotFound(f"{type}/{id} is not known")
     return render(_history_bundle(request, entries), fmt, 200)
 
 
-async def history_type(request: Request, type: str, count: Count = None, since: Since = None) -> Response:
+async def history_type(request: Request, type: str) -> Response:
     """See: https://hl7.org/fhir/R4/http.html#history"""
     fmt = response_format(request)
     check_type(type)
-    entries = await services(request).store.history(type, None, _instant(since), count)
+    count, since = _history_parameters(request)
+    entries = await services(request).store.history(type, None, since, count)
     return render(_history_bundle(request, entries), fmt, 200)
 
 
-async def history_system(request: Request, count: Count = None, since: Since = None) -> Response:
+async def history_system(request: Request) -> Response:
     """See: https://hl7.org/fhir/R4/http.html#history"""
     fmt = response_format(request)
-    entries = await services(request).store.history(None, None, _instant(since), count)
+    count, since = _history_parameters(request)
+    entries = await services(request).store.history(None, None, since, count)
     return render(_history_bundle(request, entries), fmt, 200)
 
 
@@ -277,8 +284,9 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/{type}", "update", "type", update_conditional),
     Route("GET", "/{type}/{id}/_history", "history-instance", "instance", history_instance),
     Route("GET", "/{type}/{id}/_history/{vid}", "vread", "instance", vread),
-    Route("GET", "/{type}/{id}", "read", "instance", read),
+    # Before the GET read: a GET route answers HEAD too, with a body.
     Route("HEAD", "/{type}/{id}", "read", "instance", head),
+    Route("GET", "/{type}/{id}", "read", "instance", read),
     Route("PUT", "/{type}/{id}", "update", "instance", update),
     Route("PATCH", "/{type}/{id}", "patch", "instance", patch),
     Route("DELETE", "/{type}/{id}", "delete", "instance", delete),

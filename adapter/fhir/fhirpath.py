@@ -2911,6 +2911,22 @@ def compile_expression(expression: str) -> Compiled:
     return found
 
 
+def compile_tree(key: str, ast: AST) -> Compiled:
+    """Compile (and cache under ``key``) a syntax tree, e.g. one operand of a parsed union."""
+    found = _COMPILED.get(key)
+    if found is None:
+        typed = _uses_types(ast)
+        compiler = _Compiler(typed)
+        found = Compiled(key, compiler.compile(ast), compiler.compile_bool(ast), typed, "%context" in key)
+        _COMPILED[key] = found
+    return found
+
+
+def parse_tree(expression: str) -> AST:
+    """The syntax tree of ``expression`` (shipped pre-parsed for the R4 definitions' expressions)."""
+    return _parse(expression)
+
+
 def evaluate_invariant(expression: str, node: Any, env: Env) -> bool | None:
     """True for ``[true]``, False for ``[false]``, None for an empty result (not violated).
 

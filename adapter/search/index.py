@@ -28,6 +28,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import cache
 from typing import Any
 
 from adapter.fhir import fhirpath
@@ -212,23 +213,58 @@ def _add(rows: IndexRows, param: SearchParam, item: Any) -> None:
             rows.numbers.append((code, float(value["value"]), value.get("system"), unit_code))
 
 
+def _operands(tree: dict[str, Any]) -> list[dict[str, Any]]:
+    """The operands of a top-level union (``A | B | C``), left to right."""
+    if tree.get("type") == "UnionExpression":
+        left, right = tree["children"]
+        return _operands(left) + _operands(right)
+    return [tree]
+
+
+@cache
+def _extractors(type: str) -> tuple[tuple[SearchParam, tuple[fhirpath.Compiled, ...]], ...]:
+    """Per supported parameter of ``type``, the compiled expressions that can find anything in it.
+
+    Parameters shared by many types (``clinical-patient``) have one union of 30 ``Type.path``
+    operands; only the operands rooted at this type (or at no type) are kept, which makes indexing
+    several times faster than evaluating the whole union.
+    """
+    found: list[tuple[SearchParam, tuple[fhirpath.Compiled, ...]]] = []
+    for param in parameters_for(type).values():
+        if not param.indexed or param.expression is None:
+            continue
+        operands = _operands(fhirpath.parse_tree(param.expression))
+        kept = [op for op in operands if _applies(op.get("text", ""), type)]
+        if len(kept) == len(operands):
+            compiled: tuple[fhirpath.Compiled, ...] = (fhirpath.compile_expression(param.expression),)
+        else:
+            compiled = tuple(fhirpath.compile_tree(f"{param.url}#{op['text']}", op) for op in kept)
+        if compiled:
+            found.append((param, compiled))
+    return tuple(found)
+
+
+def _applies(text: str, type: str) -> bool:
+    """Whether a union operand (its source text, spaces removed) may find values in a ``type``."""
+    match = re.match(r"\(*([A-Z][A-Za-z]+)\.", text)
+    return match is None or match.group(1) in (type, "Resource", "DomainResource")
+
+
 def index_values(resource: dict[str, Any]) -> IndexRows:
     """The index rows of ``resource`` for every supported parameter of its type."""
     rows = IndexRows()
     type = resource.get("resourceType")
     if not isinstance(type, str):
         return rows
-    for param in parameters_for(type).values():
-        if not param.indexed or param.expression is None:
-            continue
-        compiled = fhirpath.compile_expression(param.expression)
-        env = fhirpath.Env(resource=resource, resolve=_resolve_by_type)
-        try:
-            found = compiled(resource, env)
-        except fhirpath.FHIRPathError:
-            continue  # a value the expression cannot handle is simply not searchable
-        for item in found:
-            _add(rows, param, item)
+    env = fhirpath.Env(resource=resource, resolve=_resolve_by_type)
+    for param, compiled in _extractors(type):
+        for expression in compiled:
+            try:
+                found = expression(resource, env)
+            except fhirpath.FHIRPathError:
+                continue  # a value the expression cannot handle is simply not searchable
+            for item in found:
+                _add(rows, param, item)
     rows.tokens = list(dict.fromkeys(rows.tokens))
     rows.strings = list(dict.fromkeys(rows.strings))
     rows.references = list(dict.fromkeys(rows.references))

@@ -16,7 +16,7 @@ from typing import Any
 from adapter.search.index import DATE_MAX, DATE_MIN, IndexRows
 from adapter.search.query import Criterion, DateValue, NumberValue, ReferenceValue, SearchQuery, StringValue, TokenValue
 
-__all__ = ["INDEX_SCHEMA", "INDEX_VERSION", "count_sql", "index_statements", "search_sql"]
+__all__ = ["INDEX_DELETES", "INDEX_SCHEMA", "INDEX_VERSION", "count_sql", "index_inserts", "search_sql"]
 
 #: Bump when what is indexed changes: stores rebuild the index of a database with an older one.
 INDEX_VERSION = "1"
@@ -75,18 +75,19 @@ _SORT_COLUMN = {
 }
 
 
-def index_statements(type: str, id: str, rows: IndexRows | None) -> list[tuple[str, list[tuple[Any, ...]]]]:
-    """Statements (SQL, parameter rows) that replace the index rows of one resource; ``rows`` None
-    removes them (a delete)."""
-    statements: list[tuple[str, list[tuple[Any, ...]]]] = []
-    for field, (table, columns) in _TABLES.items():
-        statements.append((f"DELETE FROM {table} WHERE type = ? AND id = ?", [(type, id)]))
-        values = getattr(rows, field) if rows is not None else []
+#: Removes the index rows of one resource, per table: parameters (type, id).
+INDEX_DELETES = tuple(f"DELETE FROM {table} WHERE type = ? AND id = ?" for table, _ in _TABLES.values())
+
+
+def index_inserts(type: str, id: str, rows: IndexRows, into: dict[str, list[tuple[Any, ...]]]) -> None:
+    """Add the INSERTs of one resource's index rows to ``into`` (SQL -> parameter rows), so that a
+    transaction writes each table with one ``executemany``."""
+    for name, (table, columns) in _TABLES.items():
+        values = getattr(rows, name)
         if values:
             marks = ", ".join("?" * (len(columns) + 2))
             sql = f"INSERT INTO {table} (type, id, {', '.join(columns)}) VALUES ({marks})"
-            statements.append((sql, [(type, id, *value) for value in values]))
-    return statements
+            into.setdefault(sql, []).extend((type, id, *value) for value in values)
 
 
 def _like(text: str, contains: bool) -> str:

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -42,7 +42,7 @@ from adapter.store._common import (
     version_of,
     with_meta,
 )
-from adapter.store._search_sql import INDEX_VERSION, count_sql, index_statements, search_sql
+from adapter.store._search_sql import INDEX_DELETES, INDEX_VERSION, count_sql, index_inserts, search_sql
 from adapter.store.base import (
     Conflict,
     Gone,
@@ -58,6 +58,9 @@ from adapter.store.base import (
 __all__ = ["SQLStore"]
 
 _T = TypeVar("_T")
+
+#: The current version of one resource: (version, deleted, json).
+READ_SQL = "SELECT version, deleted, json FROM resources WHERE type = ? AND id = ?"
 
 #: How long a saved result set (the target of paging links) is kept.
 SEARCH_LIFETIME = timedelta(hours=1)
@@ -76,6 +79,16 @@ def _blame(index: int) -> Iterator[None]:
         if exc.operation is None:
             exc.operation = index
         raise
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The rows a write transaction writes, gathered so that each table gets one ``executemany``
+    (many fewer round trips to PostgreSQL for a large transaction)."""
+
+    versions: list[tuple[Any, ...]] = field(default_factory=list)
+    unindex: list[tuple[str, str]] = field(default_factory=list)
+    index: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -238,7 +251,10 @@ class SQLStore:
         return instant(self._clock())
 
     def _read(self, type: str, id: str) -> Resource:
-        rows = self._execute("SELECT version, deleted, json FROM resources WHERE type = ? AND id = ?", (type, id))
+        return self._current_resource(self._execute(READ_SQL, (type, id)), type, id)
+
+    @staticmethod
+    def _current_resource(rows: list[tuple[Any, ...]], type: str, id: str) -> Resource:
         if not rows:
             raise NotFound(f"{type}/{id} is not known")
         version, deleted, text = rows[0]
@@ -375,9 +391,11 @@ class SQLStore:
                 plan.operation.full_url: f"{plan.operation.type}/{plan.id}" for plan in plans if plan.operation.full_url
             }
             results: list[OperationResult] = []
+            batch = _Batch()
             for index, plan in enumerate(plans):
                 with _blame(index):
-                    results.append(self._apply(plan, now, mapping))
+                    results.append(self._apply(plan, now, mapping, batch))
+            self._flush(batch)
             self._execute("COMMIT")
         except BaseException as exc:
             self._rollback()
@@ -420,8 +438,13 @@ class SQLStore:
             else:
                 id = operation.id if operation.id is not None else str(uuid.uuid4())
             id = check_id(id)
+        elif operation.method == "create" and operation.id is None:
+            # A fresh uuid4 cannot be taken already: no lock, no lookup.
+            id = str(uuid.uuid4())
+            seen.add((operation.type, id))
+            return _Plan(operation, id, None)
         elif operation.method == "create":
-            id = str(uuid.uuid4()) if operation.id is None else check_id(operation.id)
+            id = check_id(operation.id)
         else:
             id = check_id(operation.id)
         key = (operation.type, id)
@@ -443,39 +466,43 @@ class SQLStore:
             raise Conflict(f"{operation.type}/{id} exists already")
         return _Plan(operation, id, current, matched)
 
-    def _apply(self, plan: _Plan, now: str, mapping: dict[str, str]) -> OperationResult:
+    def _apply(self, plan: _Plan, now: str, mapping: dict[str, str], batch: _Batch) -> OperationResult:
         operation, id, current = plan.operation, plan.id, plan.current
         if plan.matched:
             assert current is not None and current[2] is not None
             return OperationResult(operation.type, id, str(current[0]), False, loads(current[2]), matched=True)
+        if current is not None:
+            batch.unindex.append((operation.type, id))
         if operation.method == "delete":
             assert current is not None
             version, deleted, _ = current
             if deleted:
                 return OperationResult(operation.type, id, str(version), False, None)
-            self._put(operation.type, id, version + 1, now, None, None)
+            batch.versions.append(self._row(operation.type, id, version + 1, now, None))
             return OperationResult(operation.type, id, str(version + 1), False, None)
         assert operation.resource is not None
         resource = rewrite_references(operation.resource, mapping) if mapping else operation.resource
         version = 1 if current is None else current[0] + 1
         stamped = with_meta(resource, id, version, now)
-        text = dumps(stamped).decode("utf-8")
-        self._put(operation.type, id, version, now, text, stamped)
+        batch.versions.append(self._row(operation.type, id, version, now, dumps(stamped).decode("utf-8")))
+        index_inserts(operation.type, id, index_values(stamped), batch.index)
         created = current is None or current[1]
-        return OperationResult(operation.type, id, str(version), created, loads(text))
+        return OperationResult(operation.type, id, str(version), created, stamped)
 
-    def _put(self, type: str, id: str, version: int, now: str, text: str | None, resource: Resource | None) -> None:
-        row = self._row(type, id, version, now, text)
-        self._execute(self.put_resource_sql, row)
-        self._execute(self.put_history_sql, row)
-        self._index(type, id, resource)
+    def _flush(self, batch: _Batch) -> None:
+        """Write what a transaction gathered: versions, then the index rows they replace."""
+        for sql in (self.put_resource_sql, self.put_history_sql):
+            self._execute_all(sql, batch.versions)
+        for sql in INDEX_DELETES:
+            self._execute_all(sql, batch.unindex)
+        for sql, rows in batch.index.items():
+            self._execute_all(sql, rows)
 
-    def _index(self, type: str, id: str, resource: Resource | None) -> None:
-        for sql, rows in index_statements(type, id, None if resource is None else index_values(resource)):
-            if len(rows) == 1:
-                self._execute(sql, rows[0])
-            else:
-                self._execute_many(sql, rows)
+    def _execute_all(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if len(rows) == 1:
+            self._execute(sql, rows[0])
+        elif rows:
+            self._execute_many(sql, rows)
 
     # -- schema ----------------------------------------------------------------------------------
 
@@ -487,8 +514,10 @@ class SQLStore:
             return
         for table in _INDEX_TABLES:
             self._execute(f"DELETE FROM {table}")
+        batch = _Batch()
         for type, id, text in self._execute("SELECT type, id, json FROM resources WHERE NOT deleted"):
-            self._index(type, id, loads(text))
+            index_inserts(type, id, index_values(loads(text)), batch.index)
+        self._flush(batch)
         self._execute(
             "INSERT INTO store_meta (key, value) VALUES ('index_version', ?)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",

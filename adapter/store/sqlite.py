@@ -5,9 +5,12 @@ Everything but the connection is shared with PostgreSQL in :class:`adapter.store
 transaction opened with ``BEGIN IMMEDIATE``, which takes the database's write lock before the
 current version is read, so two writers (other processes, or other stores on the same file) with
 the same If-Match cannot both win; a writer that waits longer than ``busy_timeout`` gets
-:class:`~adapter.errors.Conflict`. Files use WAL (readers do not block the writer) with
-``synchronous=FULL``, so a committed change survives a crash of the process or the machine
-(https://www.sqlite.org/wal.html).
+:class:`~adapter.errors.Conflict`. Files use WAL (readers do not block the writer). ``synchronous``
+is ``NORMAL`` by default, SQLite's recommendation for WAL: every transaction is atomic and a
+committed one survives the process being killed, but the last commits before a power cut or an OS
+crash may be rolled back; ``FULL`` also survives those, at the cost of an fsync per commit (about
+half the create throughput on this machine, docs/benchmarks.md) (https://www.sqlite.org/wal.html,
+https://www.sqlite.org/pragma.html#pragma_synchronous).
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from adapter.errors import Conflict
 from adapter.store._search_sql import INDEX_SCHEMA
-from adapter.store.sql import SQLStore
+from adapter.store.base import Resource
+from adapter.store.sql import READ_SQL, SQLStore
 
 __all__ = ["SQLiteStore"]
 
@@ -64,10 +68,13 @@ class SQLiteStore(SQLStore):
         *,
         clock: Callable[[], datetime] | None = None,
         busy_timeout: float = 5.0,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
     ) -> None:
         super().__init__(clock, "sqlite-store")
         self._path = str(path)
         self._busy_timeout = busy_timeout
+        self._synchronous = synchronous
+        self._reader: sqlite3.Connection | None = None
         try:
             self._executor.submit(self._call, lambda: None).result()
         except BaseException:
@@ -80,7 +87,7 @@ class SQLiteStore(SQLStore):
         try:
             if self._path != ":memory:":
                 conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if self._synchronous == 'FULL' else 'NORMAL'}")
             conn.executescript(_SCHEMA + INDEX_SCHEMA)
             self._conn = conn
             self._begin()
@@ -95,6 +102,26 @@ class SQLiteStore(SQLStore):
             conn.close()
             raise
         return conn
+
+    async def read(self, type: str, id: str) -> Resource:
+        """A read of a file database runs right here on the event loop's thread, on a read-only
+        connection of its own: a primary-key lookup takes microseconds, less than handing it to the
+        worker thread, and WAL readers never wait for the writer."""
+        if self._path == ":memory:" or self._closed:
+            return await super().read(type, id)
+        if self._reader is None:
+            reader = sqlite3.connect(
+                self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            reader.execute("PRAGMA query_only = ON")
+            self._reader = reader
+        return self._current_resource(self._reader.execute(READ_SQL, (type, id)).fetchall(), type, id)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        await super().close()
 
     def _begin(self) -> None:
         try:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from adapter.fhir import model
 
-__all__ = ["LocalTerminology", "Terminology"]
+__all__ = ["ChainedTerminology", "LocalTerminology", "RemoteTerminology", "Terminology"]
 
 Codes = frozenset[tuple[str | None, str]]
 
@@ -137,3 +137,93 @@ class LocalTerminology:
         if found is None or found.get("resourceType") != "CodeSystem" or found.get("content") != "complete":
             return None
         return found
+
+
+class RemoteTerminology:
+    """Answers from a FHIR terminology server: ``GET [base]/ValueSet/$validate-code?url=&system=&code=``
+    (https://hl7.org/fhir/R4/valueset-operation-validate-code.html), cached per (ValueSet, system, code).
+
+    With ``token_url`` (and client id and secret) it first gets a bearer token by OAuth2 client
+    credentials (RFC 6749 section 4.4) and renews it when the server answers 401. A server that
+    cannot be reached, or answers with an error, gives None ("not checked"), never a pass.
+    Validation is synchronous, so this uses :class:`httpx.Client`; pass ``client`` to reuse one (or
+    to give tests a mock transport).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        client: Any = None,
+        token_url: str | None = None,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        import httpx
+
+        self.base_url = base_url.rstrip("/")
+        self._client: httpx.Client = client or httpx.Client(timeout=timeout)
+        self._token_url = token_url
+        self._credentials = (client_id or "", client_secret or "")
+        self._token: str | None = None
+        self._cache: dict[tuple[str, str | None, str], bool | None] = {}
+        self.failures: list[str] = []
+
+    def _bearer(self, renew: bool = False) -> dict[str, str]:
+        if self._token_url is None:
+            return {}
+        if self._token is None or renew:
+            response = self._client.post(
+                self._token_url,
+                data={"grant_type": "client_credentials"},
+                auth=self._credentials,
+                headers={"Accept": "application/json"},
+            )
+            response.raise_for_status()
+            self._token = str(response.json()["access_token"])
+        return {"Authorization": f"Bearer {self._token}"}
+
+    def contains(self, value_set: str, system: str | None, code: str) -> bool | None:
+        key = (value_set, system, code)
+        if key in self._cache:
+            return self._cache[key]
+        import httpx
+
+        params = {"url": value_set, "code": code}
+        if system is not None:
+            params["system"] = system
+        answer: bool | None = None
+        try:
+            for renew in (False, True):
+                response = self._client.get(
+                    f"{self.base_url}/ValueSet/$validate-code",
+                    params=params,
+                    headers={"Accept": "application/fhir+json", **self._bearer(renew)},
+                )
+                if response.status_code != 401:
+                    break
+            if response.status_code == 200:
+                for parameter in response.json().get("parameter") or ():
+                    if parameter.get("name") == "result" and isinstance(parameter.get("valueBoolean"), bool):
+                        answer = parameter["valueBoolean"]
+            else:
+                self.failures.append(f"{value_set}: HTTP {response.status_code}")
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            self.failures.append(f"{value_set}: {type(exc).__name__}: {exc}")
+        self._cache[key] = answer
+        return answer
+
+
+class ChainedTerminology:
+    """The first answer that is not None, asking each terminology in turn (local before remote)."""
+
+    def __init__(self, *sources: Terminology) -> None:
+        self.sources = sources
+
+    def contains(self, value_set: str, system: str | None, code: str) -> bool | None:
+        for source in self.sources:
+            answer = source.contains(value_set, system, code)
+            if answer is not None:
+                return answer
+        return None

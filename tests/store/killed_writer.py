@@ -1,9 +1,10 @@
 """A writer process for the "killed mid-transaction" tests of every store.
 
 Run as ``python tests/store/killed_writer.py DATABASE_URL pause|go``: it opens the store for the URL
-(``adapter.settings.open_store``) and applies 5,000 creates in one transaction. Each create serialises
-its resource with ``dumps``; the patched ``dumps`` prints INSIDE after 4,000 of them (and with ``pause``
-then waits to be killed), so the kill lands inside the transaction after many rows have been written.
+(``adapter.settings.open_store``) and applies 5,000 creates in one transaction. The store gathers the
+rows and writes each table with one batch; the patched batch writer prints INSIDE once the resources
+and history tables have been written (and with ``pause`` then waits to be killed), so the kill lands
+inside the transaction after 10,000 rows have been written and before the index rows.
 The helpers below start it and check the store afterwards.
 """
 
@@ -18,7 +19,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 CREATES = 5000
-SIGNAL_AT = 4000
+# Pause after this many 5,000-row batches (resources, then history).
+SIGNAL_AFTER_TABLES = 2
 
 
 def start(database: str, pause: bool) -> tuple[subprocess.Popen[str], list[str]]:
@@ -61,20 +63,22 @@ def _main(database: str, pause: bool) -> None:
     from adapter.store import Operation
 
     store = open_store(database)
-    # Both stores write through adapter.store.sql; pause inside its dumps() mid-transaction.
-    module = sys.modules["adapter.store.sql"]
-    real_dumps, calls = module.dumps, 0
+    # Both stores write through adapter.store.sql.SQLStore._execute_all, one call per table.
+    from adapter.store.sql import SQLStore
 
-    def dumps(resource: Any) -> bytes:
+    real_execute_all, calls = SQLStore._execute_all, 0
+
+    def execute_all(self: SQLStore, sql: str, rows: list[tuple[Any, ...]]) -> None:
         nonlocal calls
-        calls += 1
-        if calls == SIGNAL_AT:
-            print("INSIDE", flush=True)
-            if pause:
-                time.sleep(60)
-        return bytes(real_dumps(resource))
+        real_execute_all(self, sql, rows)
+        if len(rows) == CREATES:
+            calls += 1
+            if calls == SIGNAL_AFTER_TABLES:
+                print("INSIDE", flush=True)
+                if pause:
+                    time.sleep(60)
 
-    module.dumps = dumps  # type: ignore[attr-defined]
+    SQLStore._execute_all = execute_all  # type: ignore[method-assign]
 
     async def run() -> None:
         operations = [

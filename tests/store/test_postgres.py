@@ -148,7 +148,7 @@ async def test_a_writer_killed_mid_transaction_leaves_all_or_nothing(postgres_ds
     process, lines = killed_writer.start(url, pause=killed)
     assert lines == ["INSIDE"]
     if killed:
-        # The writer sits inside its transaction with 3,999 creates (7,998 rows) written.
+        # The writer sits inside its transaction with 5,000 resources and 5,000 versions written.
         assert [state for state, _ in writer_backends(postgres_dsn)] == ["idle in transaction"]
         process.send_signal(signal.SIGKILL)
     lines = killed_writer.finish(process, lines, timeout=120)

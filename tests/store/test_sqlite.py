@@ -9,6 +9,7 @@ import sqlite3
 import threading
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,3 +135,9 @@ async def test_a_database_without_a_current_index_is_reindexed_on_open(tmp_path:
     async with SQLiteStore(path) as reopened:
         found = await reopened.search(parse_search("Patient", [("family", "old")]))
         assert [r["id"] for r in found.resources] == [made["id"]]
+
+
+@pytest.mark.parametrize(("synchronous", "level"), [("NORMAL", 1), ("FULL", 2)])
+async def test_the_durability_level_is_the_one_asked_for(tmp_path: Path, synchronous: Any, level: int) -> None:
+    async with SQLiteStore(tmp_path / "s.db", synchronous=synchronous) as store:
+        assert await store._run(lambda: store._conn.execute("PRAGMA synchronous").fetchone()[0]) == level
