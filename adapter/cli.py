@@ -1,6 +1,7 @@
 """The ``spfhir`` command line: ``validate`` FHIR R4 resources and ``convert`` between JSON and XML.
 
-    spfhir validate PATH... [--format text|json|junit] [--quiet] [-o OUTPUT]
+    spfhir validate PATH... [--profile URL]... [--package FILE|NAME#VERSION]... [--tx URL]
+                   [--must-support] [--format text|json|junit] [--quiet] [-o OUTPUT]
     spfhir convert INPUT --to json|xml [--pretty] [-o OUTPUT]
     spfhir serve [--host H] [--port P] [--database URL] [--workers N] [--demo]
     spfhir --version
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -27,7 +29,7 @@ import typer
 if TYPE_CHECKING:
     from adapter.fhir.sources import Source
     from adapter.reports import Result
-    from adapter.validation.structure import StructuralValidator
+    from adapter.validation.base import Issue, Validator
 
 __all__ = ["app", "main"]
 
@@ -132,7 +134,90 @@ def _write_output(output: str | None, data: bytes) -> None:
 # -- validate --------------------------------------------------------------------------------------
 
 
-def _check(validator: StructuralValidator, source: Source) -> Result:
+def _declares_profiles(resource: object) -> bool:
+    """Whether a resource (or a Bundle entry, or a contained resource) names profiles in meta.profile."""
+    if not isinstance(resource, dict):
+        return False
+    meta = resource.get("meta")
+    if isinstance(meta, dict) and meta.get("profile"):
+        return True
+    inner = [entry.get("resource") for entry in resource.get("entry") or () if isinstance(entry, dict)]
+    return any(_declares_profiles(r) for r in [*inner, *(resource.get("contained") or ())])
+
+
+class _Validators:
+    """The structural validator, and the profile validator built the first time it is needed (its
+    packages cost ~0.1 s to load, which a plain structural check should not pay)."""
+
+    def __init__(self, profiles: list[str], packages: list[str], tx: str | None, must_support: bool) -> None:
+        from adapter.validation.structure import StructuralValidator
+
+        self.structural = StructuralValidator()
+        self.profiles = profiles
+        self.packages = packages
+        self.tx = tx
+        self.must_support = must_support
+        self._profile: Validator | None = None
+
+    @property
+    def always_profiles(self) -> bool:
+        return bool(self.profiles or self.packages or self.tx or self.must_support)
+
+    def for_resource(self, resource: object) -> Validator:
+        if not (self.always_profiles or _declares_profiles(resource)):
+            return self.structural
+        if self._profile is None:
+            self._profile = self._build()
+        return self._profile
+
+    def _build(self) -> Validator:
+        from adapter.validation.bundled import bundled_packages
+        from adapter.validation.packages import PackageError
+        from adapter.validation.profiles import ProfileValidator
+        from adapter.validation.terminology import ChainedTerminology, LocalTerminology, RemoteTerminology
+
+        packages = bundled_packages()
+        for spec in self.packages:
+            if Path(spec).exists():
+                packages.add_path(spec)
+            elif "#" in spec:
+                packages.add_from_cache(spec)
+            else:
+                raise PackageError(f"--package {spec}: no such file, and not a name#version")
+        packages.resolve_dependencies()
+        terminology = LocalTerminology(packages.resource)
+        if self.tx:
+            from adapter.settings import Settings
+
+            settings = Settings()
+            remote = RemoteTerminology(
+                self.tx,
+                token_url=settings.tx_token_url,
+                client_id=settings.tx_client_id,
+                client_secret=settings.tx_client_secret,
+            )
+            validator = ProfileValidator(
+                packages, terminology=ChainedTerminology(terminology, remote), must_support=self.must_support
+            )
+        else:
+            validator = ProfileValidator(packages, terminology=terminology, must_support=self.must_support)
+        for url in self.profiles:
+            validator.profile(url)  # an unknown --profile is a usage error, before any input is read
+        return _WithProfiles(validator, self.profiles)
+
+
+class _WithProfiles:
+    """A ProfileValidator that always applies the --profile URLs."""
+
+    def __init__(self, validator: Validator, profiles: list[str]) -> None:
+        self.validator = validator
+        self.profiles = profiles
+
+    def validate(self, resource: object, profiles: Sequence[str] = ()) -> list[Issue]:
+        return self.validator.validate(resource, list(profiles) or self.profiles)
+
+
+def _check(validators: _Validators, source: Source) -> Result:
     from adapter.errors import AdapterError
     from adapter.reports import Result
 
@@ -146,7 +231,7 @@ def _check(validator: StructuralValidator, source: Source) -> Result:
         entries=len(entries) if rtype == "Bundle" and isinstance(entries, list) else None,
     )
     try:
-        result.issues = validator.validate(resource)
+        result.issues = validators.for_resource(resource).validate(resource)
     except AdapterError as exc:  # e.g. a limit of the validator
         result.problem, result.problem_code = exc.message, exc.issue_code
         result.problem_expression = exc.expression
@@ -176,17 +261,42 @@ def validate(
     output: Annotated[
         str | None, typer.Option("--output", "-o", help="Write the report to this file.", show_default=False)
     ] = None,
+    profile: Annotated[
+        list[str] | None,
+        typer.Option("--profile", "-p", help="Validate against this profile (canonical URL); repeatable."),
+    ] = None,
+    package: Annotated[
+        list[str] | None,
+        typer.Option("--package", help="Load a FHIR package: a .tgz, a folder, or name#version from the cache."),
+    ] = None,
+    tx: Annotated[
+        str | None, typer.Option("--tx", help="Terminology server for ValueSets we cannot expand locally.")
+    ] = None,
+    must_support: Annotated[
+        bool, typer.Option("--must-support", help="Report absent mustSupport elements (information).")
+    ] = False,
 ) -> None:
-    """Validate FHIR R4 resources (JSON, XML, NDJSON, Bundles) against the R4 core structure.
+    """Validate FHIR R4 resources (JSON, XML, NDJSON, Bundles) against R4 core and profiles.
 
-    Exit code 0 when every input is valid, 1 when any has an error, 2 when an input cannot be read.
+    Profiles: --profile, else each resource's meta.profile; the project's profiles and UK Core are
+    always loaded, --package adds more. Exit code 0 when every input is valid, 1 when any has an
+    error, 2 when an input cannot be read or a profile or package cannot be found.
     """
     from adapter.fhir import sources
     from adapter.reports import Result, json_report, junit_report, quiet_lines, summary_line
-    from adapter.validation.structure import StructuralValidator
 
+    validators = _Validators(profile or [], package or [], tx, must_support)
+    if validators.always_profiles:
+        try:
+            validators.for_resource(None)
+        except Exception as exc:
+            from adapter.errors import AdapterError
+            from adapter.validation.profiles import ProfileError
+
+            if isinstance(exc, AdapterError | ProfileError):
+                _fail(str(exc))
+            raise
     entries = sources.discover(paths)
-    validator = StructuralValidator()
     results: list[Result] = []
     progress = _progress(len(entries)) if not quiet and len(entries) >= PROGRESS_MIN_FILES else None
     say = _stderr if progress is None else progress.say
@@ -206,7 +316,7 @@ def validate(
                         )
                     )
                     continue
-                result = _check(validator, source)
+                result = _check(validators, source)
                 if result.problem is not None:
                     say(f"error: {result.label}: {result.problem}")
                 results.append(result)
