@@ -4,8 +4,8 @@ profiles, snapshots and differentials, on a small test package and on UK Core (v
 from __future__ import annotations
 
 import copy
-import re
 import json
+import re
 from pathlib import Path
 from typing import Any
 
