@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     access_log: bool = False
     #: SQLite durability: NORMAL (default; survives a killed process) or FULL (also a power cut).
     sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    #: How writes treat the profiles a resource declares in meta.profile: enforce (422), warn (log), off.
+    profiles: Literal["enforce", "warn", "off"] = "enforce"
     #: OAuth2 client credentials for the terminology server (``spfhir validate --tx``), if it needs them.
     tx_token_url: str | None = None
     tx_client_id: str | None = None

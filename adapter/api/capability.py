@@ -73,7 +73,12 @@ def capability_statement(routes: Iterable[Route], base_url: str) -> dict[str, An
     the search parameters of :mod:`adapter.search.parameters` that the store supports.
     """
     routes = list(routes)
-    per_type = list(dict.fromkeys(route.interaction for route in routes if route.level != "system"))
+    per_type = list(
+        dict.fromkeys(
+            route.interaction for route in routes if route.level != "system" and not route.interaction.startswith("$")
+        )
+    )
+    operations = sorted({route.interaction[1:] for route in routes if route.interaction.startswith("$")})
     system = list(
         dict.fromkeys(
             code for route in routes for code in (route.interaction, *route.also) if code in _SYSTEM_INTERACTIONS
@@ -99,6 +104,11 @@ def capability_statement(routes: Iterable[Route], base_url: str) -> dict[str, An
             if revincludes:
                 entry["searchRevInclude"] = revincludes
             entry["searchParam"] = list(_search_params(type))
+        if operations:
+            entry["operation"] = [
+                {"name": name, "definition": f"http://hl7.org/fhir/OperationDefinition/Resource-{name}"}
+                for name in operations
+            ]
         resource.append(entry)
     rest: dict[str, Any] = {"mode": "server", "resource": resource}
     if system:

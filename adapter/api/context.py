@@ -50,8 +50,11 @@ class Services:
     """What the handlers use, injected by the app factory (style rule 2)."""
 
     store: ResourceStore
+    #: Checks every write: structural, or with the declared profiles (``SPFHIR_PROFILES``).
     validator: Validator
     max_body_bytes: int
+    #: Structural validation plus profiles, for ``$validate``.
+    profile_validator: Validator
 
 
 def services(request: Request) -> Services:

@@ -34,6 +34,7 @@ from adapter.api.context import (
 )
 from adapter.api.json_patch import JSON_PATCH
 from adapter.api.negotiation import read_body, render, response_format
+from adapter.api.operations import validate_instance, validate_stored, validate_type
 from adapter.api.search import get_pages, search_type, search_type_post
 from adapter.errors import InputError, UnsupportedMediaType, VersionConflict
 from adapter.store import HistoryEntry, NotFound, Operation, Resource
@@ -259,7 +260,8 @@ Level = Literal["system", "type", "instance"]
 @dataclass(frozen=True, slots=True)
 class Route:
     """One interaction: HTTP method and path (under :data:`BASE`), its code in
-    http://hl7.org/fhir/restful-interaction, the level it works at, and its handler."""
+    http://hl7.org/fhir/restful-interaction (or ``$name`` for an operation), the level it works at,
+    and its handler."""
 
     method: str
     path: str
@@ -278,6 +280,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "", "search-type", "type", get_pages),
     Route("POST", "", "transaction", "system", process_bundle, also=("batch",)),
     Route("GET", "/{type}/_history", "history-type", "type", history_type),
+    Route("POST", "/{type}/$validate", "$validate", "type", validate_type),
+    Route("POST", "/{type}/{id}/$validate", "$validate", "instance", validate_instance),
+    Route("GET", "/{type}/{id}/$validate", "$validate", "instance", validate_stored),
     Route("POST", "/{type}/_search", "search-type", "type", search_type_post),
     Route("GET", "/{type}", "search-type", "type", search_type),
     Route("POST", "/{type}", "create", "type", create),
