@@ -486,6 +486,61 @@ def serve(
     raise typer.Exit(code)
 
 
+# -- profiles and packages -------------------------------------------------------------------------
+
+profiles_app = typer.Typer(help="The project's FHIR profile package.", no_args_is_help=True)
+packages_app = typer.Typer(help="FHIR packages in the package cache (~/.fhir/packages).", no_args_is_help=True)
+app.add_typer(profiles_app, name="profiles")
+app.add_typer(packages_app, name="packages")
+
+
+@profiles_app.command("pack")
+def profiles_pack(
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Folder to write the .tgz into.")] = ".",
+) -> None:
+    """Write the project's profiles as a FHIR NPM package (.tgz) that other validators can load."""
+    from adapter.errors import AdapterError
+    from adapter.validation.bundled import profiles_dir
+    from adapter.validation.packages import pack
+
+    try:
+        target = pack(profiles_dir(), Path(out_dir))
+    except (AdapterError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(str(target))
+
+
+@packages_app.command("install")
+def packages_install(
+    spec: Annotated[str, typer.Argument(metavar="FILE.tgz|NAME#VERSION", show_default=False)],
+    registry: Annotated[
+        str | None,
+        typer.Option("--registry", help="Package registry [default: SPFHIR_PACKAGE_REGISTRY or packages.fhir.org]."),
+    ] = None,
+) -> None:
+    """Install a package into the FHIR package cache, from a file or from the registry."""
+    from adapter.errors import AdapterError
+    from adapter.settings import Settings
+    from adapter.validation.packages import install
+
+    try:
+        package = install(spec, registry=registry or Settings().package_registry)
+    except AdapterError as exc:
+        _fail(exc.message)
+    typer.echo(
+        f"installed {package.key} ({len({id(r) for r in package.resources.values()})} resources) in {package.source}"
+    )
+
+
+@packages_app.command("list")
+def packages_list() -> None:
+    """List the packages in the FHIR package cache."""
+    from adapter.validation.packages import installed
+
+    for key, path in installed():
+        typer.echo(f"{key}\t{path}")
+
+
 # -- entry point -----------------------------------------------------------------------------------
 
 

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     #: How writes treat the profiles a resource declares in meta.profile: enforce (422), warn (log), off.
     profiles: Literal["enforce", "warn", "off"] = "enforce"
+    #: NPM-style FHIR package registry for `spfhir packages install NAME#VERSION`.
+    package_registry: str = "https://packages.fhir.org"
     #: OAuth2 client credentials for the terminology server (``spfhir validate --tx``), if it needs them.
     tx_token_url: str | None = None
     tx_client_id: str | None = None

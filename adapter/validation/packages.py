@@ -31,7 +31,10 @@ __all__ = [
     "PackageError",
     "PackageSet",
     "cache_dir",
+    "install",
+    "installed",
     "load_package",
+    "pack",
 ]
 
 #: The R4 core package, which every package set contains implicitly.
@@ -183,3 +186,86 @@ class PackageSet:
             if resource["resourceType"] == "StructureDefinition" and id(resource) not in seen:
                 seen.add(id(resource))
                 yield resource
+
+
+def pack(source: Path, out_dir: Path) -> Path:
+    """Write the package in folder ``source`` (``package.json`` plus resources and ``examples/``) as
+    ``<name>-<version>.tgz`` in ``out_dir``, in the NPM layout other validators load (``package/...``)."""
+    import io
+    import tarfile
+
+    package = load_package(source)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{package.name}-{package.version}.tgz"
+    root = source / "package" if (source / "package" / "package.json").exists() else source
+    files = sorted([root / "package.json", *root.glob("*.json"), *(root / "examples").glob("*.json")])
+    with tarfile.open(target, "w:gz") as archive:
+        for file in dict.fromkeys(files):
+            data = file.read_bytes()
+            info = tarfile.TarInfo("package/" + file.relative_to(root).as_posix())
+            info.size = len(data)
+            info.mtime = 0  # reproducible archives
+            archive.addfile(info, io.BytesIO(data))
+    return target
+
+
+def install(spec: str, *, cache: Path | None = None, registry: str = "https://packages.fhir.org") -> FhirPackage:
+    """Put a package into the package cache: from a ``.tgz`` file, or ``name#version`` downloaded
+    from an NPM-style FHIR registry (``GET {registry}/{name}/{version}`` answers with the archive, or
+    with the version's JSON whose ``dist.tarball`` is the archive, as npm registries do)."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    import httpx
+
+    cache = cache or cache_dir()
+    path = Path(spec)
+    with tempfile.TemporaryDirectory() as scratch:
+        if path.is_file():
+            archive = path
+        else:
+            match = _SPEC.fullmatch(spec)
+            if match is None:
+                raise PackageError(f"{spec!r} is neither a package file nor a name#version")
+            url = f"{registry.rstrip('/')}/{match['name']}/{match['version']}"
+            try:
+                with httpx.Client(timeout=60.0, follow_redirects=True) as client:
+                    response = client.get(url)
+                    if response.status_code == 200 and "json" in response.headers.get("content-type", ""):
+                        tarball = response.json().get("dist", {}).get("tarball")
+                        if not isinstance(tarball, str):
+                            raise PackageError(f"{url} names no dist.tarball")
+                        response = client.get(tarball)
+            except httpx.HTTPError as exc:
+                raise PackageError(f"cannot download {spec} from {registry}: {exc}") from exc
+            if response.status_code != 200:
+                raise PackageError(f"cannot download {spec} from {registry}: HTTP {response.status_code}")
+            archive = Path(scratch) / "package.tgz"
+            archive.write_bytes(response.content)
+        package = load_package(archive)
+        target = cache / f"{package.name}#{package.version}"
+        unpacked = Path(scratch) / "unpacked"
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(unpacked, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise PackageError(f"{spec}: cannot unpack ({exc})") from exc
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(unpacked), str(target))
+    package.source = str(target)
+    return package
+
+
+def installed(cache: Path | None = None) -> list[tuple[str, str]]:
+    """(name#version, path) of every package in the cache."""
+    cache = cache or cache_dir()
+    if not cache.is_dir():
+        return []
+    return [
+        (folder.name, str(folder))
+        for folder in sorted(cache.iterdir())
+        if (folder / "package" / "package.json").exists()
+    ]
