@@ -49,7 +49,7 @@ def registry(tmp_path: Path) -> Iterator[str]:
     npm_style = pack(small_package(tmp_path / "b", "test.npm", "2.0.0"), tmp_path / "dist").read_bytes()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        def do_GET(self) -> None:
             host = f"http://127.0.0.1:{self.server.server_address[1]}"
             routes = {
                 "/test.small/1.2.3": ("application/tar+gzip", direct),
