@@ -99,6 +99,10 @@ def _limit_text(limit: int) -> str:
     return f"{mb:g} MB" if limit >= 1024 * 1024 else f"{limit} bytes"
 
 
+#: Files of a FHIR NPM package that are not resources; skipped when a folder is searched.
+PACKAGE_FILES = frozenset({"package.json", ".index.json"})
+
+
 def _os_error(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
@@ -137,7 +141,8 @@ def _walk(folder: Path) -> Iterator[Entry]:
     for dirpath, dirnames, filenames in os.walk(folder, onerror=problems.append):
         dirnames.sort()
         for name in sorted(filenames):
-            if name.lower().endswith(EXTENSIONS):
+            # A FHIR package folder's manifest and index are not resources (NPM package layout).
+            if name.lower().endswith(EXTENSIONS) and name not in PACKAGE_FILES:
                 path = Path(dirpath, name)
                 found.append(Entry(str(path), path))
     yield from found

@@ -405,6 +405,8 @@ class _Run:
         self.root = root
         self.issues: list[Issue] = []
         self.checked_extensions: set[int] = set()
+        self.checked_profiles: set[tuple[int, str]] = set()
+        self.probing = 0
         self.not_checked: set[str] = set()
         resolve = fhirpath.bundle_resolver(root) if root.get("resourceType") == "Bundle" else None
         self.resolve: Callable[[str], dict[str, Any] | None] | None = resolve
@@ -459,6 +461,7 @@ class _Run:
         except ProfileError:
             return False
         saved, self.issues = self.issues, []
+        self.probing += 1
         try:
             if isinstance(value, dict) and "resourceType" in value:
                 if value.get("resourceType") != profile.type:
@@ -470,10 +473,18 @@ class _Run:
             return not any(issue.is_error for issue in self.issues)
         finally:
             self.issues = saved
+            self.probing -= 1
 
     # -- one profile -----------------------------------------------------------------------------
 
     def check(self, profile: CompiledProfile, node: Any, where: str, label: str) -> None:
+        if not self.probing:
+            # A Bundle entry is checked against the profile its slice names and against its own
+            # meta.profile: once is enough when they are the same profile.
+            key = (id(node), profile.url)
+            if key in self.checked_profiles:
+                return
+            self.checked_profiles.add(key)
         root_rule = profile.rules.get(profile.type)
         item = _Item(node, None, profile.type, where)
         if root_rule is not None:
@@ -737,6 +748,11 @@ class _Run:
             )
 
     def datatype_profile(self, url: str, item: _Item, label: str) -> None:
+        value = item.value
+        if isinstance(value, dict) and "resourceType" in value and not self.probing:
+            meta = value.get("meta") if isinstance(value.get("meta"), dict) else {}
+            if url in (meta.get("profile") or ()):
+                return  # checked as the entry's own meta.profile, with the entry named in its issues
         try:
             profile = self.v.profile(url)
         except ProfileError as exc:
