@@ -750,7 +750,7 @@ class _Run:
     def datatype_profile(self, url: str, item: _Item, label: str) -> None:
         value = item.value
         if isinstance(value, dict) and "resourceType" in value and not self.probing:
-            meta = value.get("meta") if isinstance(value.get("meta"), dict) else {}
+            meta: dict[str, Any] = value["meta"] if isinstance(value.get("meta"), dict) else {}
             if url in (meta.get("profile") or ()):
                 return  # checked as the entry's own meta.profile, with the entry named in its issues
         try:
