@@ -161,7 +161,10 @@ class _Validators:
 
     @property
     def always_profiles(self) -> bool:
-        return bool(self.profiles or self.packages or self.tx or self.must_support)
+        # Settings are read only when profiles are needed (pydantic costs start-up time); the
+        # variable itself says whether there are default profiles.
+        defaults = os.environ.get("SPFHIR_DEFAULT_PROFILES", "").strip() not in ("", "{}")
+        return bool(self.profiles or self.packages or self.tx or self.must_support or defaults)
 
     def for_resource(self, resource: object) -> Validator:
         if not (self.always_profiles or _declares_profiles(resource)):
@@ -186,10 +189,10 @@ class _Validators:
                 raise PackageError(f"--package {spec}: no such file, and not a name#version")
         packages.resolve_dependencies()
         terminology = LocalTerminology(packages.resource)
-        if self.tx:
-            from adapter.settings import Settings
+        from adapter.settings import Settings
 
-            settings = Settings()
+        settings = Settings()
+        if self.tx:
             remote = RemoteTerminology(
                 self.tx,
                 token_url=settings.tx_token_url,
@@ -197,10 +200,15 @@ class _Validators:
                 client_secret=settings.tx_client_secret,
             )
             validator = ProfileValidator(
-                packages, terminology=ChainedTerminology(terminology, remote), must_support=self.must_support
+                packages,
+                terminology=ChainedTerminology(terminology, remote),
+                must_support=self.must_support,
+                defaults=settings.default_profiles,
             )
         else:
-            validator = ProfileValidator(packages, terminology=terminology, must_support=self.must_support)
+            validator = ProfileValidator(
+                packages, terminology=terminology, must_support=self.must_support, defaults=settings.default_profiles
+            )
         for url in self.profiles:
             validator.profile(url)  # an unknown --profile is a usage error, before any input is read
         return _WithProfiles(validator, self.profiles)

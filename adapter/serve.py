@@ -28,7 +28,12 @@ def build_app(settings: Settings) -> FastAPI:
     """The API over the store of ``settings.database``; the store is closed when the app shuts down,
     and the demo data set is loaded at start-up when ``settings.demo`` is set."""
     store = open_store(settings.database, sqlite_synchronous=settings.sqlite_synchronous)
-    app = create_app(store, max_body_bytes=settings.max_body_bytes, profiles=settings.profiles)
+    app = create_app(
+        store,
+        max_body_bytes=settings.max_body_bytes,
+        profiles=settings.profiles,
+        default_profiles=settings.default_profiles,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: object) -> AsyncIterator[None]:

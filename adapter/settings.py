@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     #: How writes treat the profiles a resource declares in meta.profile: enforce (422), warn (log), off.
     profiles: Literal["enforce", "warn", "off"] = "enforce"
+    #: Profiles a resource of a type is checked against when it declares none, as JSON:
+    #: ``{"Patient": ["https://sp-fhir-adapter.org/fhir/StructureDefinition/SP-Patient"]}``.
+    default_profiles: dict[str, list[str]] = Field(default_factory=dict)
     #: NPM-style FHIR package registry for `spfhir packages install NAME#VERSION`.
     package_registry: str = "https://packages.fhir.org"
     #: OAuth2 client credentials for the terminology server (``spfhir validate --tx``), if it needs them.

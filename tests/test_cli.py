@@ -563,3 +563,38 @@ def test_output_to_a_device_or_symlink_is_written_in_place(tmp_path: Path) -> No
     assert run("convert", EXAMPLES / "patient.json", "--to", "json", "-o", link).exit_code == 0
     assert link.is_symlink()
     assert json.loads(real.read_text())["resourceType"] == "Patient"
+
+
+def test_default_profiles_from_the_environment_and_an_unknown_profile(tmp_path: Path) -> None:
+    patient = tmp_path / "patient.json"
+    patient.write_text('{"resourceType": "Patient", "gender": "male"}')
+    sp_patient = "https://sp-fhir-adapter.org/fhir/StructureDefinition/SP-Patient"
+    env = {**os.environ, "SPFHIR_DEFAULT_PROFILES": json.dumps({"Patient": [sp_patient]})}
+    checked = subprocess.run(
+        [sys.executable, "-c", "from adapter.cli import main; main()", "validate", str(patient), "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert checked.returncode == 1 and "nhsNumber" in checked.stdout
+    unknown = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from adapter.cli import main; main()",
+            "validate",
+            str(patient),
+            "--profile",
+            "https://x.example/p",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert (
+        unknown.returncode == 2
+        and unknown.stderr == "error: profile https://x.example/p is not in the loaded packages\n"
+    )

@@ -61,20 +61,22 @@ def create_app(
     validator: Validator | None = None,
     profile_validator: Validator | None = None,
     profiles: Literal["enforce", "warn", "off"] = "enforce",
+    default_profiles: dict[str, list[str]] | None = None,
     max_body_bytes: int = 10_000_000,
 ) -> FastAPI:
     """The API under ``/fhir``.
 
     Writes are checked by ``validator`` when given; otherwise as ``profiles`` says: ``enforce`` (the
     default) rejects a resource that breaks R4 or a profile it declares in ``meta.profile`` (422),
-    ``warn`` rejects only R4 errors and logs profile errors, ``off`` checks R4 only.
+    ``warn`` rejects only R4 errors and logs profile errors, ``off`` checks R4 only;
+    ``default_profiles`` (type -> profile URLs) apply to resources that declare none.
     ``profile_validator`` (default: the bundled packages, our profiles and UK Core) serves
     ``$validate``. The caller owns ``store`` and closes it.
     """
     app = FastAPI(title="sp-fhir-adapter FHIR R4 API", openapi_url=None, docs_url=None, redoc_url=None)
     structural = StructuralValidator()
     if profile_validator is None:
-        profile_validator = ProfileValidator(bundled_packages(), structural=structural)
+        profile_validator = ProfileValidator(bundled_packages(), structural=structural, defaults=default_profiles)
     if validator is None:
         if profiles == "enforce":
             validator = profile_validator

@@ -760,7 +760,38 @@ class _Run:
             return
         if profile.type == "Extension":
             self.checked_extensions.add(id(item.value))
+            self.extension_context(profile, item.where, label)
         self.check(profile, item.value, item.where, f"{label}{profile.name}: ")
+
+    def extension_context(self, profile: CompiledProfile, where: str, label: str) -> None:
+        """An extension may only be used where its ``context`` says
+        (https://hl7.org/fhir/R4/defining-extensions.html#context)."""
+        if not profile.context or self.probing:
+            return
+        host = re.sub(r"\.(?:modifierExtension|extension)\[\d+\]$", "", where)
+        path, type, datatype_path = _context_of(self.root, host)
+        if path is None:
+            return
+        allowed = [c.get("expression") for c in profile.context if c.get("type") in ("element", None)]
+        allowed_urls = [c.get("expression") for c in profile.context if c.get("type") == "extension"]
+        if any(c.get("type") == "fhirpath" for c in profile.context):
+            return  # a FHIRPath context: not checked here
+        candidates = {path, type, datatype_path, "Element", "Base"}
+        if "." not in path:
+            candidates |= {"Resource", "DomainResource"}
+        if type == "Extension":
+            parent = _node_at(self.root, host)
+            if isinstance(parent, dict) and parent.get("url") in allowed_urls:
+                return
+        if not candidates.intersection(allowed):
+            contexts = ", ".join(str(c.get("expression")) for c in profile.context)
+            self.add(
+                "error",
+                "extension",
+                f"extension {profile.url} is not allowed on {path} (its context: {contexts})",
+                where,
+                label,
+            )
 
     def reference(self, targets: list[str], value: dict[str, Any], where: str, label: str, element: str) -> None:
         text = value.get("reference")
@@ -828,6 +859,64 @@ class _Run:
         did_you_mean = f"; did you mean {hint[0]}?" if hint else ""
         severity = "error" if kind == "modifierExtension" else "warning"
         self.add(severity, "extension", f"unknown extension {url}{did_you_mean}", where, label)
+
+
+_STEP = re.compile(r"\.?([A-Za-z_]+)(?:\[(\d+)\])?(?:\.ofType\(([A-Za-z]+)\))?")
+
+
+def _node_at(root: Any, where: str) -> Any:
+    """The JSON node that an issue path (``Bundle.entry[1].resource.identifier[0]``) names."""
+    node = root
+    for name, index, _ in _STEP.findall(where.split(".", 1)[1] if "." in where else ""):
+        if not isinstance(node, dict):
+            return None
+        key = name
+        if key not in node:
+            key = next((k for k in node if k.startswith(name) and k[len(name) : len(name) + 1].isupper()), name)
+        node = node.get(key)
+        if index:
+            node = node[int(index)] if isinstance(node, list) and int(index) < len(node) else None
+    return node
+
+
+def _context_of(root: Any, where: str) -> tuple[str | None, str | None, str | None]:
+    """The element path (``Patient.telecom.system``), its type (``code``) and its path inside the
+    nearest datatype (``ContactPoint.system``) of the node at ``where``, starting again at each
+    resource inside a Bundle or contained."""
+    steps = _STEP.findall(where.split(".", 1)[1] if "." in where else "")
+    node: Any = root
+    type_name = root.get("resourceType") if isinstance(root, dict) else None
+    if not isinstance(type_name, str):
+        return None, None, None
+    path, model_type, element_path = type_name, type_name, type_name
+    datatype_path: str | None = None
+    for name, index, of_type in steps:
+        node = node.get(name) if isinstance(node, dict) and name in node else _node_at({"_": node}, f"_.{name}")
+        if index and isinstance(node, list):
+            node = node[int(index)] if int(index) < len(node) else None
+        if isinstance(node, dict) and isinstance(node.get("resourceType"), str) and name in ("resource", "contained"):
+            type_name = node["resourceType"]
+            path, model_type, element_path = type_name, type_name, type_name
+            datatype_path = None
+            continue
+        path = f"{path}.{name}"
+        element_path = f"{element_path}.{name}"
+        try:
+            elements = model.type_model(model_type).elements
+        except KeyError:
+            return path, None, None
+        element = elements.get(element_path) or elements.get(f"{element_path}[x]")
+        if element is None:
+            return path, None, None
+        datatype_path = element_path
+        codes = [t.get("code") for t in element.types]
+        code = of_type or (codes[0] if len(codes) == 1 else None)
+        if code in ("BackboneElement", "Element") or code is None:
+            type_name = code or "Element"
+            continue
+        type_name = code
+        model_type, element_path = code, code
+    return path, type_name, datatype_path
 
 
 def _below(a: Any, b: Any) -> bool:

@@ -457,3 +457,35 @@ def test_unknown_profiles_and_missing_dependencies(tmp_path: Path, validator: Pr
         lonely.resolve_dependencies(cache=tmp_path / "empty-cache")
     with pytest.raises(PackageError):
         load_package(tmp_path / "nothing.tgz")
+
+
+def test_an_extension_outside_its_context(validator: ProfileValidator) -> None:
+    misplaced = patient(extension=[{"url": f"{BASE}/StructureDefinition/score", "valueInteger": 3}])
+    [(where, message)] = errors(validator, misplaced)
+    assert where == "Patient.extension[0]" and "not allowed on Patient" in message and "Goal" in message
+    # UK Core's OtherContactSystem has the datatype path ContactPoint.system as its context.
+    other = f"{UKCORE.replace('StructureDefinition/', 'StructureDefinition/Extension-')}UKCore-OtherContactSystem"
+    code = {"coding": [{"system": "https://fhir.hl7.org.uk/CodeSystem/UKCore-OtherContactSystem", "code": "textphone"}]}
+    on_system = patient(
+        telecom=[
+            {"system": "other", "value": "1", "_system": {"extension": [{"url": other, "valueCodeableConcept": code}]}}
+        ]
+    )
+    assert errors(validator, on_system) == []
+    on_value = patient(
+        telecom=[
+            {"system": "other", "value": "1", "_value": {"extension": [{"url": other, "valueCodeableConcept": code}]}}
+        ]
+    )
+    assert any("not allowed on Patient.telecom.value" in m for _, m in errors(validator, on_value))
+
+
+def test_default_profiles_per_type_apply_when_none_is_declared(tmp_path: Path) -> None:
+    packages = bundled_packages()
+    packages.add_path(make_package(tmp_path))
+    validator = ProfileValidator(packages, defaults={"Patient": [f"{BASE}/StructureDefinition/patient"]})
+    plain = {"resourceType": "Patient", "gender": "male"}
+    found = errors(validator, plain)
+    assert any(where == "Patient.gender" for where, _ in found)
+    assert any("nhsNumber" in m for _, m in found)
+    assert errors(ProfileValidator(packages), plain) == []
