@@ -159,12 +159,14 @@ class _Validators:
         self.must_support = must_support
         self._profile: Validator | None = None
 
+    @staticmethod
+    def _defaults_set() -> bool:
+        # Only whether the variable is set; adapter.settings parses it (when it is).
+        return os.environ.get("SPFHIR_DEFAULT_PROFILES", "").strip() not in ("", "{}")
+
     @property
     def always_profiles(self) -> bool:
-        # Settings are read only when profiles are needed (pydantic costs start-up time); the
-        # variable itself says whether there are default profiles.
-        defaults = os.environ.get("SPFHIR_DEFAULT_PROFILES", "").strip() not in ("", "{}")
-        return bool(self.profiles or self.packages or self.tx or self.must_support or defaults)
+        return bool(self.profiles or self.packages or self.tx or self.must_support or self._defaults_set())
 
     def for_resource(self, resource: object) -> Validator:
         if not (self.always_profiles or _declares_profiles(resource)):
@@ -189,9 +191,13 @@ class _Validators:
                 raise PackageError(f"--package {spec}: no such file, and not a name#version")
         packages.resolve_dependencies()
         terminology = LocalTerminology(packages.resource)
-        from adapter.settings import Settings
+        defaults: dict[str, list[str]] = {}
+        if self.tx or self._defaults_set():
+            # pydantic-settings costs ~0.15 s of start-up: only when there is something to read.
+            from adapter.settings import Settings
 
-        settings = Settings()
+            settings = Settings()
+            defaults = settings.default_profiles
         if self.tx:
             remote = RemoteTerminology(
                 self.tx,
@@ -203,11 +209,11 @@ class _Validators:
                 packages,
                 terminology=ChainedTerminology(terminology, remote),
                 must_support=self.must_support,
-                defaults=settings.default_profiles,
+                defaults=defaults,
             )
         else:
             validator = ProfileValidator(
-                packages, terminology=terminology, must_support=self.must_support, defaults=settings.default_profiles
+                packages, terminology=terminology, must_support=self.must_support, defaults=defaults
             )
         for url in self.profiles:
             validator.profile(url)  # an unknown --profile is a usage error, before any input is read

@@ -14,8 +14,8 @@ Output (``adapter/fhir/definitions/``):
 - ``r4-valuesets.json``: the codes of every ValueSet that a *required* binding in those
   types points to, where the expansion can be computed from the package alone.
 - ``r4-fhirpath.json``: the parsed syntax tree (fhirpathpy's grammar) of every invariant's
-  FHIRPath and every SearchParameter expression, so that validating and indexing need no ANTLR
-  parse at start-up.
+  FHIRPath, so that validating needs no ANTLR parse at start-up; ``r4-search-fhirpath.json`` the
+  same for the SearchParameter expressions (a separate file: validation does not load it).
 - ``r4-searchparams.json``: the R4 SearchParameters (code, base, type, expression, targets,
   modifiers, comparators, chains).
 
@@ -298,20 +298,23 @@ def generate(source: Path) -> dict[str, bytes]:
     }
     from adapter.fhir.fhirpath import UnsupportedExpression, parse_fhirpath
 
-    # Invariants, and the SearchParameter expressions that the search index evaluates.
-    expressions = sorted(
-        {c["expression"] for t in types.values() for e in t["elements"] for c in e.get("constraints", [])}
-        | {sp["expression"] for sp in search_params if sp.get("expression")}
-    )
-    trees: dict[str, Any] = {}
-    for expression in expressions:
-        try:
-            trees[expression] = parse_fhirpath(expression)
-        except UnsupportedExpression:
-            continue  # compiled (and reported) at run time instead
+    def parsed(expressions: set[str]) -> dict[str, Any]:
+        trees: dict[str, Any] = {}
+        for expression in sorted(expressions):
+            try:
+                trees[expression] = parse_fhirpath(expression)
+            except UnsupportedExpression:
+                continue  # compiled (and reported) at run time instead
+        return trees
+
+    # Two files: validation loads the invariants' trees, the search index the SearchParameters'.
+    invariants = {c["expression"] for t in types.values() for e in t["elements"] for c in e.get("constraints", [])}
+    trees = parsed(invariants)
+    search_trees = parsed({sp["expression"] for sp in search_params if sp.get("expression")} - invariants)
     return {
         **files,
         "r4-fhirpath.json": _dump_lines(header, "expressions", trees),
+        "r4-search-fhirpath.json": _dump_lines(header, "expressions", search_trees),
         "r4-index.json": _dump_lines(
             {**header, "choices": {k: dict(sorted(v.items())) for k, v in sorted(choices.items())}},
             "types",

@@ -2922,9 +2922,11 @@ def compile_tree(key: str, ast: AST) -> Compiled:
     return found
 
 
-def parse_tree(expression: str) -> AST:
-    """The syntax tree of ``expression`` (shipped pre-parsed for the R4 definitions' expressions)."""
-    return _parse(expression)
+def parse_tree(expression: str, *, search: bool = False) -> AST:
+    """The syntax tree of ``expression``: shipped pre-parsed for the R4 invariants and (``search``)
+    the R4 SearchParameter expressions, parsed now otherwise."""
+    shipped = model.fhirpath_tree(expression, search=search)
+    return shipped if shipped is not None else parse_fhirpath(expression)
 
 
 def evaluate_invariant(expression: str, node: Any, env: Env) -> bool | None:

@@ -243,13 +243,16 @@ def value_set_not_expanded(url: str) -> str | None:
 
 
 @cache
-def _fhirpath_trees() -> dict[str, Any]:
-    return dict(_definitions("r4-fhirpath.json")["expressions"])
+def _fhirpath_trees(file: str) -> dict[str, Any]:
+    return dict(_definitions(file)["expressions"])
 
 
-def fhirpath_tree(expression: str) -> dict[str, Any] | None:
-    """The pre-parsed syntax tree of an R4 invariant or SearchParameter expression, if it is one."""
-    found = _fhirpath_trees().get(expression)
+def fhirpath_tree(expression: str, *, search: bool = False) -> dict[str, Any] | None:
+    """The pre-parsed syntax tree of an R4 invariant (or, with ``search``, of a SearchParameter
+    expression), if it is one. Two files, so that validation never loads the search one."""
+    found = _fhirpath_trees("r4-search-fhirpath.json" if search else "r4-fhirpath.json").get(expression)
+    if found is None and search:
+        found = _fhirpath_trees("r4-fhirpath.json").get(expression)
     return None if found is None else dict(found)
 
 

@@ -233,10 +233,11 @@ def _extractors(type: str) -> tuple[tuple[SearchParam, tuple[fhirpath.Compiled, 
     for param in parameters_for(type).values():
         if not param.indexed or param.expression is None:
             continue
-        operands = _operands(fhirpath.parse_tree(param.expression))
+        tree = fhirpath.parse_tree(param.expression, search=True)
+        operands = _operands(tree)
         kept = [op for op in operands if _applies(op.get("text", ""), type)]
         if len(kept) == len(operands):
-            compiled: tuple[fhirpath.Compiled, ...] = (fhirpath.compile_expression(param.expression),)
+            compiled: tuple[fhirpath.Compiled, ...] = (fhirpath.compile_tree(param.expression, tree),)
         else:
             compiled = tuple(fhirpath.compile_tree(f"{param.url}#{op['text']}", op) for op in kept)
         if compiled:
