@@ -187,6 +187,13 @@ def make_package(tmp_path: Path) -> Path:
                 },
                 {"id": "Patient.telecom:current", "path": "Patient.telecom", "sliceName": "current", "max": "1"},
                 {"id": "Patient.telecom:current.period", "path": "Patient.telecom.period", "max": "0"},
+                {
+                    "id": "Patient.name",
+                    "path": "Patient.name",
+                    "slicing": {"discriminator": [{"type": "value", "path": "use"}], "rules": "openAtEnd"},
+                },
+                {"id": "Patient.name:official", "path": "Patient.name", "sliceName": "official", "max": "1"},
+                {"id": "Patient.name:official.use", "path": "Patient.name.use", "fixedCode": "official"},
                 {"id": "Patient.gender", "path": "Patient.gender", "fixedCode": "female", "mustSupport": True},
                 {"id": "Patient.birthDate", "path": "Patient.birthDate", "mustSupport": True},
             ],
@@ -489,3 +496,10 @@ def test_default_profiles_per_type_apply_when_none_is_declared(tmp_path: Path) -
     assert any(where == "Patient.gender" for where, _ in found)
     assert any("nhsNumber" in m for _, m in found)
     assert errors(ProfileValidator(packages), plain) == []
+
+
+def test_open_at_end_slicing_wants_the_unmatched_items_last(validator: ProfileValidator) -> None:
+    official, nickname = {"use": "official", "family": "Carmody"}, {"use": "nickname", "given": ["Elle"]}
+    assert errors(validator, patient(name=[official, nickname])) == []
+    [(where, message)] = errors(validator, patient(name=[nickname, official]))
+    assert where == "Patient.name" and "openAtEnd" in message
