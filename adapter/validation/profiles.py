@@ -545,13 +545,16 @@ class _Run:
             assigned[slice_name].append(item)
             if group.name in _EXTENSIONS and isinstance(item.value, dict):
                 self.checked_extensions.add(id(item.value))
+        element = f"{where}.{group.name.removesuffix('[x]')}"
         if slicing.get("ordered") and order != sorted(order):
-            self.add("error", "structure", f"{group.id}: the slices are out of order ({described})", where, label)
+            self.add("error", "structure", f"{group.id}: the slices are out of order ({described})", element, label)
         unmatched = len(names)
         if slicing.get("rules") == "openAtEnd" and unmatched in order:
             first_unmatched = order.index(unmatched)
             if any(o != unmatched for o in order[first_unmatched:]):
-                self.add("error", "structure", f"{group.id}: unmatched items must come last (openAtEnd)", where, label)
+                self.add(
+                    "error", "structure", f"{group.id}: unmatched items must come last (openAtEnd)", element, label
+                )
         for slice_name, slice_id in group.slices.items():
             slice_rule = profile.rules.get(slice_id)
             slice_items = assigned[slice_name]
