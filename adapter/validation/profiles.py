@@ -546,7 +546,8 @@ class _Run:
             if group.name in _EXTENSIONS and isinstance(item.value, dict):
                 self.checked_extensions.add(id(item.value))
         element = f"{where}.{group.name.removesuffix('[x]')}"
-        if slicing.get("ordered") and order != sorted(order):
+        matched = [o for o in order if o < len(names)]  # unmatched items may sit anywhere in open slicing
+        if slicing.get("ordered") and matched != sorted(matched):
             self.add("error", "structure", f"{group.id}: the slices are out of order ({described})", element, label)
         unmatched = len(names)
         if slicing.get("rules") == "openAtEnd" and unmatched in order:
