@@ -94,14 +94,25 @@ class Rule:
     max_value: Any = _UNSET
     max_length: int | None = None
 
-    def type_codes(self) -> set[str]:
-        return {t["code"] for t in self.types or () if isinstance(t.get("code"), str)}
+    # Derived from ``types`` once the profile is compiled (rules are not changed afterwards).
+    _codes: frozenset[str] | None = None
+    _profiles: tuple[str, ...] | None = None
+    _targets: tuple[str, ...] | None = None
 
-    def profiles(self) -> list[str]:
-        return [p for t in self.types or () for p in t.get("profile") or ()]
+    def type_codes(self) -> frozenset[str]:
+        if self._codes is None:
+            self._codes = frozenset(t["code"] for t in self.types or () if isinstance(t.get("code"), str))
+        return self._codes
 
-    def target_profiles(self) -> list[str]:
-        return [p for t in self.types or () for p in t.get("targetProfile") or ()]
+    def profiles(self) -> tuple[str, ...]:
+        if self._profiles is None:
+            self._profiles = tuple(p for t in self.types or () for p in t.get("profile") or ())
+        return self._profiles
+
+    def target_profiles(self) -> tuple[str, ...]:
+        if self._targets is None:
+            self._targets = tuple(p for t in self.types or () for p in t.get("targetProfile") or ())
+        return self._targets
 
 
 @dataclass(slots=True)
@@ -797,7 +808,7 @@ class _Run:
                 label,
             )
 
-    def reference(self, targets: list[str], value: dict[str, Any], where: str, label: str, element: str) -> None:
+    def reference(self, targets: Sequence[str], value: dict[str, Any], where: str, label: str, element: str) -> None:
         text = value.get("reference")
         if not isinstance(text, str):
             return
