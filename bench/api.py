@@ -12,22 +12,22 @@ server is a separate process started fresh on 127.0.0.1 with an empty database i
 throwaway PostgreSQL cluster, ``tests/store/pg_server.py``, with a new database per configuration),
 and is stopped at the end, also on Ctrl-C or an error.
 
-Each server is first seeded through its API (``--patients`` Patients with a 999-range NHS number,
-each with ``--per-patient`` ServiceRequests). Then, for each scenario and number of concurrent
-clients: ``--warmup`` seconds unmeasured, then ``--seconds`` seconds measured, by asyncio + httpx in
-this process for one client and in ``--processes`` generator processes (default 2, the clients split
-between them, all starting at the same moment) for more. Each client is an ``httpx.AsyncClient``
-with one keep-alive connection and sends its next request as soon as the previous one is answered. Reported: successful requests per second, p50
-and p99 latency (ms, of successful requests), errors (any non-2xx answer or transport error; the
-first one is shown), and the share of one core the load generator itself used.
+Each server is first seeded through its API (``--patients`` Patients with a 999-range NHS number, each
+with ``--per-patient`` ServiceRequests). Then, for each scenario and number of concurrent clients:
+``--warmup`` seconds unmeasured, then ``--seconds`` seconds measured, by asyncio + httpx in this process
+for one client and in ``--processes`` generator processes (default 2, the clients split between them,
+all starting at the same moment) for more. Each client is an ``httpx.AsyncClient`` with one keep-alive
+connection and sends its next request as soon as the previous one is answered. Reported: successful
+requests per second, p50 and p99 latency (ms, of successful requests), errors (any non-2xx answer or
+transport error; the first one is shown), and the share of one core the load generator itself used.
 
-The load generator is not free: httpx costs 0.5-0.6 ms of CPU per request here, so one process tops
-out near 1,400-1,500 requests/s even against a server that does nothing (hence several generator
-processes), and on a 2-core machine it takes CPU the server would otherwise use (the text report
-shows its CPU share per cell; near 100 % means the figure is the generator's limit, not the server's). The run measures that ceiling first (the
-same generator against a trivial HTTP server in another process) and prints it with the results. Two
-choices keep it as high as it is: one ``AsyncClient`` per client rather than one shared pool
-(httpcore's pool looks at every connection on every request: 16 clients through one pool get about
+The load generator is not free: httpx costs 0.5-0.6 ms of CPU per request here, so one process tops out
+near 1,400-1,500 requests/s even against a server that does nothing (hence several generator processes),
+and on a 2-core machine it takes CPU the server would otherwise use (the text report shows its CPU share
+per cell; near 100 % means the figure is the generator's limit, not the server's). The run measures that
+ceiling first (the same generator against a trivial HTTP server in another process) and prints it with
+the results. Two choices keep it as high as it is: one ``AsyncClient`` per client rather than one shared
+pool (httpcore's pool looks at every connection on every request: 16 clients through one pool get about
 40 % of the rate), and ``sniffio`` recorded as absent (see :data:`_SNIFFIO`).
 
 Scenarios:
