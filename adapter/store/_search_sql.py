@@ -262,8 +262,11 @@ def _where(query: SearchQuery) -> tuple[str, list[Any]]:
     return sql, params
 
 
-def search_sql(query: SearchQuery) -> tuple[str, list[Any]]:
-    """The ids of every match, in the order ``_sort`` asks for (then oldest first, then id)."""
+def search_sql(query: SearchQuery, first_page: bool = False) -> tuple[str, list[Any]]:
+    """The ids of every match, in the order ``_sort`` asks for (then oldest first, then id).
+
+    ``first_page``: instead, (id, json, total) of the first ``query.count`` matches only, the total
+    counted by a window function: one statement answers a search that fits on one page."""
     where, params = _where(query)
     order: list[str] = []
     for key in query.sort:
@@ -280,6 +283,9 @@ def search_sql(query: SearchQuery) -> tuple[str, list[Any]]:
         order.append(f"{value} IS NULL, {value}{' DESC' if key.descending else ''}")
         params += [key.param.code, key.param.code]
     order += ["r.last_updated", "r.id"]
+    if first_page:
+        sql = f"SELECT r.id, r.json, COUNT(*) OVER () {where} ORDER BY {', '.join(order)} LIMIT ?"
+        return sql, [*params, query.count]
     return f"SELECT r.id {where} ORDER BY {', '.join(order)}", params
 
 

@@ -28,7 +28,8 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from adapter.store._search_sql import INDEX_SCHEMA
-from adapter.store.sql import SQLStore
+from adapter.store.base import Resource
+from adapter.store.sql import READ_SQL, SQLStore, _Batch
 
 __all__ = ["PostgresStore"]
 
@@ -104,6 +105,7 @@ class PostgresStore(SQLStore):
         super().__init__(clock, "postgres-store")
         self._dsn = dsn
         self._lock_timeout_ms = max(1, round(lock_timeout * 1000))
+        self._reader: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         conn: psycopg.Connection[tuple[Any, ...]] = psycopg.connect(self._dsn, autocommit=True)
@@ -124,6 +126,29 @@ class PostgresStore(SQLStore):
             conn.close()
             raise
         return conn
+
+    async def read(self, type: str, id: str) -> Resource:
+        """Reads go straight from the event loop over an async connection of their own (autocommit,
+        so each sees the latest commit): no hop to the worker thread, and no wait behind a write."""
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        reader = self._reader
+        if reader is None or reader.closed or reader.broken:
+            await self._run(lambda: None)  # the worker's connection creates the schema when missing
+            reader = self._reader = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
+        cursor = await reader.execute(READ_SQL.replace("?", "%s"), (type, id))
+        return self._current_resource(await cursor.fetchall(), type, id)
+
+    async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
+        await super().close()
+
+    def _flush(self, batch: _Batch) -> None:
+        # One pipeline for all the statements of a write: one round trip instead of one each.
+        with self._conn.pipeline():
+            super()._flush(batch)
 
     def _row(self, type: str, id: str, version: int, now: str, text: str | None) -> tuple[Any, ...]:
         return (type, id, version, now, text is None, text, text)

@@ -294,6 +294,14 @@ class SQLStore:
         if query.summary_count:
             sql, params = count_sql(query)
             return SearchResult(query, int(self._execute(sql, params)[0][0]), [], [])
+        if query.count > 0:
+            # Most searches fit on one page: the page and the total in one statement.
+            sql, params = search_sql(query, first_page=True)
+            rows = self._execute(sql, params)
+            total = int(rows[0][2]) if rows else 0
+            if total <= query.count:
+                resources = [loads(row[1]) for row in rows]
+                return SearchResult(query, total, resources, self._included(query, resources))
         sql, params = search_sql(query)
         ids = [row[0] for row in self._execute(sql, params)]
         search_id = self._save_search(query, ids) if 0 < query.count < len(ids) else None
