@@ -66,11 +66,25 @@ def _includes(type: str) -> tuple[list[str], list[str]]:
     return includes, revincludes
 
 
+@cache
+def _supported_profiles() -> dict[str, list[str]]:
+    """Resource type -> the profiles of the bundled packages (ours and UK Core) for it, which
+    ``$validate`` and profile enforcement of writes check against."""
+    from adapter.validation.bundled import bundled_packages
+
+    found: dict[str, list[str]] = {}
+    for definition in bundled_packages().structure_definitions():
+        if definition.get("kind") == "resource" and definition.get("derivation") == "constraint":
+            found.setdefault(definition["type"], []).append(definition["url"])
+    return {type: sorted(urls) for type, urls in found.items()}
+
+
 def capability_statement(routes: Iterable[Route], base_url: str) -> dict[str, Any]:
     """A CapabilityStatement (kind ``instance``) that declares exactly the interactions of ``routes``.
 
     Every R4 resource type supports every type- and instance-level interaction in the table, with
-    the search parameters of :mod:`adapter.search.parameters` that the store supports.
+    the search parameters of :mod:`adapter.search.parameters` that the store supports, and the
+    profiles of the bundled packages as supported profiles.
     """
     routes = list(routes)
     per_type = list(
@@ -91,6 +105,7 @@ def capability_statement(routes: Iterable[Route], base_url: str) -> dict[str, An
             "type": type,
             "profile": f"http://hl7.org/fhir/StructureDefinition/{type}",
             "interaction": [{"code": code} for code in per_type],
+            **({"supportedProfile": _supported_profiles()[type]} if type in _supported_profiles() else {}),
             "versioning": "versioned-update",
             "readHistory": "vread" in per_type,
             "updateCreate": "update" in per_type,

@@ -175,3 +175,23 @@ async def test_only_transaction_and_batch_bundles_are_taken_at_the_base(client: 
     wrong_type = entry("POST", "Patient", referral("Patient/x"))
     [issue] = outcome_issues(await send(client, bundle("transaction", wrong_type)), 400)
     assert issue["expression"] == ["Bundle.entry[0].resource"]
+
+
+async def test_a_transaction_in_xml_gets_its_response_in_xml(client: httpx.AsyncClient) -> None:
+    from adapter.fhir import xml_format
+
+    body = bundle(
+        "transaction",
+        entry("POST", "Patient", nhs_patient("9990000018"), fullUrl="urn:uuid:6d7f0b1a-0000-4000-8000-000000000001"),
+        entry("POST", "ServiceRequest", referral("urn:uuid:6d7f0b1a-0000-4000-8000-000000000001")),
+    )
+    response = await client.post(
+        "/fhir",
+        content=xml_format.dumps(body),
+        headers={"Content-Type": "application/fhir+xml", "Accept": "application/fhir+xml"},
+    )
+    assert response.status_code == 200, response.text
+    answer = xml_format.loads(response.content)
+    assert answer["type"] == "transaction-response"
+    assert [e["response"]["status"] for e in answer["entry"]] == ["201 Created", "201 Created"]
+    assert await total(client, "ServiceRequest", **{"patient.identifier": "9990000018"}) == 1

@@ -101,6 +101,12 @@ async def test_search_parameters_are_declared_per_type_from_the_r4_definitions(c
     assert "ServiceRequest:patient" in resources["ServiceRequest"]["searchInclude"]
     assert "Task:focus" in resources["ServiceRequest"]["searchRevInclude"]
     assert resources["Patient"]["conditionalCreate"] is True and resources["Patient"]["conditionalUpdate"] is True
+    # The profiles $validate and write enforcement know: ours and UK Core's.
+    assert {
+        "https://sp-fhir-adapter.org/fhir/StructureDefinition/SP-Patient",
+        "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Patient",
+    } <= set(resources["Patient"]["supportedProfile"])
+    assert "https://sp-fhir-adapter.org/fhir/StructureDefinition/SP-Goal" in resources["Goal"]["supportedProfile"]
 
 
 async def test_every_route_of_the_table_is_served_by_the_app(app: FastAPI) -> None:
