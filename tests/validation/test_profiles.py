@@ -503,3 +503,17 @@ def test_open_at_end_slicing_wants_the_unmatched_items_last(validator: ProfileVa
     assert errors(validator, patient(name=[official, nickname])) == []
     [(where, message)] = errors(validator, patient(name=[nickname, official]))
     assert where == "Patient.name" and "openAtEnd" in message
+
+
+CORE_PACKAGE = Path(__file__).resolve().parents[3] / "shared" / "fhir-packages" / "hl7.fhir.r4.core-4.0.1.tgz"
+
+
+@pytest.mark.skipif(not CORE_PACKAGE.exists(), reason="../shared/fhir-packages is not here")
+def test_core_extensions_are_checked_when_the_core_package_is_loaded() -> None:
+    birth_place = {"url": "http://hl7.org/fhir/StructureDefinition/patient-birthPlace", "valueString": "Leeds"}
+    resource = {"resourceType": "Patient", "extension": [birth_place]}
+    assert errors(ProfileValidator(bundled_packages()), resource) == []  # no definition: not checked
+    with_core = bundled_packages()
+    with_core.add_path(CORE_PACKAGE)
+    [(where, message)] = errors(ProfileValidator(with_core), resource)
+    assert where == "Patient.extension[0].value.ofType(string)" and "Address" in message
