@@ -58,6 +58,8 @@ from adapter.store.base import (
 __all__ = ["SQLStore"]
 
 _T = TypeVar("_T")
+#: Runs one statement with its parameters and returns the rows.
+Execute = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 
 #: The current version of one resource: (version, deleted, json).
 READ_SQL = "SELECT version, deleted, json FROM resources WHERE type = ? AND id = ?"
@@ -278,14 +280,14 @@ class SQLStore:
         resource: Resource = loads(rows[0][1])
         return resource
 
-    def _resources(self, type: str, ids: Sequence[str]) -> list[Resource]:
+    def _resources(self, type: str, ids: Sequence[str], execute: Execute | None = None) -> list[Resource]:
         """The current versions of ``ids`` of ``type``, in that order, leaving out deleted ones."""
         found: dict[str, str] = {}
         for start in range(0, len(ids), _CHUNK):
             chunk = list(ids[start : start + _CHUNK])
             marks = ", ".join("?" * len(chunk))
             sql = f"SELECT id, json FROM resources WHERE type = ? AND NOT deleted AND id IN ({marks})"
-            found.update((row[0], row[1]) for row in self._execute(sql, [type, *chunk]))
+            found.update((row[0], row[1]) for row in (execute or self._execute)(sql, [type, *chunk]))
         return [loads(found[id]) for id in ids if id in found]
 
     # -- search ----------------------------------------------------------------------------------
@@ -294,18 +296,26 @@ class SQLStore:
         if query.summary_count:
             sql, params = count_sql(query)
             return SearchResult(query, int(self._execute(sql, params)[0][0]), [], [])
-        if query.count > 0:
-            # Most searches fit on one page: the page and the total in one statement.
-            sql, params = search_sql(query, first_page=True)
-            rows = self._execute(sql, params)
-            total = int(rows[0][2]) if rows else 0
-            if total <= query.count:
-                resources = [loads(row[1]) for row in rows]
-                return SearchResult(query, total, resources, self._included(query, resources))
+        found = self._one_page(query, self._execute)
+        if found is not None:
+            return found
         sql, params = search_sql(query)
         ids = [row[0] for row in self._execute(sql, params)]
         search_id = self._save_search(query, ids) if 0 < query.count < len(ids) else None
         return self._page(query, ids, 0, search_id)
+
+    def _one_page(self, query: SearchQuery, execute: Execute) -> SearchResult | None:
+        """The answer to a search that fits on one page, from one statement (the page and the
+        total); None when it does not fit (its result set must then be saved for paging)."""
+        if query.count <= 0 or query.summary_count:
+            return None
+        sql, params = search_sql(query, first_page=True)
+        rows = execute(sql, params)
+        total = int(rows[0][2]) if rows else 0
+        if total > query.count:
+            return None
+        resources = [loads(row[1]) for row in rows]
+        return SearchResult(query, total, resources, self._included(query, resources, execute))
 
     def _save_search(self, query: SearchQuery, ids: list[str]) -> str:
         """Keep the ordered result set for its paging links; drop expired ones."""
@@ -336,10 +346,11 @@ class SQLStore:
         resources = self._resources(query.type, ids[offset : offset + query.count])
         return SearchResult(query, len(ids), resources, self._included(query, resources), offset, search_id)
 
-    def _included(self, query: SearchQuery, page: list[Resource]) -> list[Resource]:
+    def _included(self, query: SearchQuery, page: list[Resource], execute: Execute | None = None) -> list[Resource]:
         """What ``_include`` and ``_revinclude`` add to a page (https://hl7.org/fhir/R4/search.html#include)."""
         if not page or not (query.includes or query.revincludes):
             return []
+        run = execute or self._execute
         seen = {(query.type, resource["id"]) for resource in page}
         page_ids = [resource["id"] for resource in page]
         wanted: dict[str, list[str]] = {}
@@ -353,7 +364,7 @@ class SQLStore:
             if include.target is not None:
                 sql += " AND target_type = ?"
                 params.append(include.target)
-            for target_type, target_id in self._execute(sql, params):
+            for target_type, target_id in run(sql, params):
                 wanted.setdefault(target_type, []).append(target_id)
         for include in query.revincludes:
             if include.target is not None and include.target != query.type:
@@ -363,13 +374,13 @@ class SQLStore:
                 "SELECT DISTINCT id FROM sp_reference WHERE type = ? AND param = ? AND target_type = ?"
                 f" AND target_id IN ({marks})"
             )
-            rows = self._execute(sql, [include.source, include.param, query.type, *page_ids])
+            rows = run(sql, [include.source, include.param, query.type, *page_ids])
             wanted.setdefault(include.source, []).extend(row[0] for row in rows)
         included: list[Resource] = []
         for type, ids in wanted.items():
             fresh = [id for id in dict.fromkeys(ids) if (type, id) not in seen]
             seen.update((type, id) for id in fresh)
-            included += self._resources(type, fresh)
+            included += self._resources(type, fresh, run)
         return included
 
     def _match(self, query: SearchQuery) -> list[str]:

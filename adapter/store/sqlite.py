@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adapter.errors import Conflict
+from adapter.search.query import SearchQuery
 from adapter.store._search_sql import INDEX_SCHEMA
-from adapter.store.base import Resource
+from adapter.store.base import Resource, SearchResult
 from adapter.store.sql import READ_SQL, SQLStore
 
 __all__ = ["SQLiteStore"]
@@ -107,15 +108,32 @@ class SQLiteStore(SQLStore):
         """A read of a file database runs right here on the event loop's thread, on a read-only
         connection of its own: a primary-key lookup takes microseconds, less than handing it to the
         worker thread, and WAL readers never wait for the writer."""
-        if self._path == ":memory:" or self._closed:
+        reader = self._read_connection()
+        if reader is None:
             return await super().read(type, id)
+        return self._current_resource(reader.execute(READ_SQL, (type, id)).fetchall(), type, id)
+
+    async def search(self, query: SearchQuery) -> SearchResult:
+        """A search that fits on one page runs here on the loop's thread, like a read; a longer one
+        goes to the worker thread, which saves its result set for the paging links."""
+        reader = self._read_connection()
+        if reader is not None:
+            found = self._one_page(query, lambda sql, params: reader.execute(sql, params).fetchall())
+            if found is not None:
+                return found
+        return await super().search(query)
+
+    def _read_connection(self) -> sqlite3.Connection | None:
+        """The read-only connection used on the event loop's thread (None for ``:memory:``)."""
+        if self._path == ":memory:" or self._closed:
+            return None
         if self._reader is None:
             reader = sqlite3.connect(
                 self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
             reader.execute("PRAGMA query_only = ON")
             self._reader = reader
-        return self._current_resource(self._reader.execute(READ_SQL, (type, id)).fetchall(), type, id)
+        return self._reader
 
     async def close(self) -> None:
         if self._reader is not None:
