@@ -179,7 +179,12 @@ class _Validators:
         from adapter.validation.bundled import bundled_packages
         from adapter.validation.packages import PackageError
         from adapter.validation.profiles import ProfileValidator
-        from adapter.validation.terminology import ChainedTerminology, LocalTerminology, RemoteTerminology
+        from adapter.validation.terminology import (
+            ChainedTerminology,
+            LocalTerminology,
+            RemoteTerminology,
+            Terminology,
+        )
 
         packages = bundled_packages()
         for spec in self.packages:
@@ -190,7 +195,7 @@ class _Validators:
             else:
                 raise PackageError(f"--package {spec}: no such file, and not a name#version")
         packages.resolve_dependencies()
-        terminology = LocalTerminology(packages.resource)
+        terminology: Terminology = LocalTerminology(packages.resource)
         defaults: dict[str, list[str]] = {}
         if self.tx or self._defaults_set():
             # pydantic-settings costs ~0.15 s of start-up: only when there is something to read.
@@ -198,23 +203,17 @@ class _Validators:
 
             settings = Settings()
             defaults = settings.default_profiles
-        if self.tx:
-            remote = RemoteTerminology(
-                self.tx,
-                token_url=settings.tx_token_url,
-                client_id=settings.tx_client_id,
-                client_secret=settings.tx_client_secret,
-            )
-            validator = ProfileValidator(
-                packages,
-                terminology=ChainedTerminology(terminology, remote),
-                must_support=self.must_support,
-                defaults=defaults,
-            )
-        else:
-            validator = ProfileValidator(
-                packages, terminology=terminology, must_support=self.must_support, defaults=defaults
-            )
+            if self.tx:
+                remote = RemoteTerminology(
+                    self.tx,
+                    token_url=settings.tx_token_url,
+                    client_id=settings.tx_client_id,
+                    client_secret=settings.tx_client_secret,
+                )
+                terminology = ChainedTerminology(terminology, remote)
+        validator = ProfileValidator(
+            packages, terminology=terminology, must_support=self.must_support, defaults=defaults
+        )
         for url in self.profiles:
             validator.profile(url)  # an unknown --profile is a usage error, before any input is read
         return _WithProfiles(validator, self.profiles)

@@ -118,9 +118,9 @@ def nhs_check_digit(nine_digits: str) -> int | None:
     return None if check == 10 else check
 
 
-def nhs_numbers() -> Iterator[str]:
-    """Valid NHS numbers of the 999 test range, in order: 9990000018, 9990000026, ..."""
-    for serial in range(1, 10**6):
+def nhs_numbers(start: int = 1) -> Iterator[str]:
+    """Valid NHS numbers of the 999 test range from serial ``start`` on: 9990000018, 9990000026, ..."""
+    for serial in range(start, 10**6):
         nine = f"999{serial:06d}"
         check = nhs_check_digit(nine)
         if check is not None:
@@ -534,15 +534,6 @@ async def load(
     )
 
 
-def _numbers_from(serial: int) -> Iterator[str]:
-    """Valid 999-range NHS numbers from ``serial`` on (each generator process gets its own range)."""
-    for value in range(serial, 10**6):
-        nine = f"999{value:06d}"
-        check = nhs_check_digit(nine)
-        if check is not None:
-            yield f"{nine}{check}"
-
-
 def _spread_worker(
     base: str,
     scenario: str,
@@ -557,7 +548,7 @@ def _spread_worker(
     """One generator process: ``clients`` clients, warm up, wait for ``start_at``, measure ``seconds``."""
 
     async def run() -> tuple[list[float], int, str | None, float]:
-        data = Seeded(patients, 0, _numbers_from(serial))
+        data = Seeded(patients, 0, nhs_numbers(serial))
         rng = random.Random(seed)
         make = request_maker(scenario, data, rng) if scenario != "ceiling" else (lambda: ("GET", "/", None))
         async with clients_of(base, clients) as pool:

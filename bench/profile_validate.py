@@ -28,18 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.api import nhs_numbers
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def nhs_number(n: int) -> str:
-    """The n-th valid NHS number of the 999 test range (Modulus 11)."""
-    while True:
-        digits = f"999{n:06d}"
-        total = sum(int(d) * w for d, w in zip(digits, range(10, 1, -1), strict=True))
-        check = (11 - total % 11) % 11
-        if check != 10:
-            return digits + str(check)
-        n += 1
 
 
 def _rewrite(value: Any, ids: dict[str, str], nhs_old: set[str], nhs_new: str) -> Any:
@@ -68,7 +59,7 @@ def journeys(count: int) -> list[dict[str, Any]]:
     for n in range(count):
         mapping = {old: f"{old}-j{n}" for old in ids}
         for example in examples:
-            corpus.append(_rewrite(example, mapping, nhs_old, nhs_number(1000 + n)))
+            corpus.append(_rewrite(example, mapping, nhs_old, next(nhs_numbers(1000 + n))))
     return corpus
 
 

@@ -598,3 +598,47 @@ def test_default_profiles_from_the_environment_and_an_unknown_profile(tmp_path: 
         unknown.returncode == 2
         and unknown.stderr == "error: profile https://x.example/p is not in the loaded packages\n"
     )
+
+
+def test_tx_asks_a_terminology_server_for_what_cannot_be_expanded_locally(tmp_path: Path) -> None:
+    """--tx reaches a real (local) server's ValueSet/$validate-code; without it the binding is 'not checked'."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked: list[str] = []
+
+    class Tx(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            body = json.dumps({"resourceType": "Parameters", "parameter": [{"name": "result", "valueBoolean": False}]})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/fhir+json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    patient = tmp_path / "patient.json"
+    ukcore = "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Patient"
+    coding = {"system": "http://snomed.info/sct", "code": "87915002"}
+    patient.write_text(
+        json.dumps({"resourceType": "Patient", "meta": {"profile": [ukcore]}, "maritalStatus": {"coding": [coding]}})
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Tx)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tx = f"http://127.0.0.1:{server.server_address[1]}"
+        run = [sys.executable, "-c", "from adapter.cli import main; main()", "validate", str(patient), "-f", "json"]
+        local = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=60)
+        remote = subprocess.run([*run, "--tx", tx], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    finally:
+        server.shutdown()
+    local_issues = json.loads(local.stdout)[0]["outcome"]["issue"]
+    assert any(
+        "not checked: https://fhir.hl7.org.uk/ValueSet/UKCore-PersonMaritalStatusCode" in i["diagnostics"]
+        for i in local_issues
+    )
+    [warning] = [i for i in json.loads(remote.stdout)[0]["outcome"]["issue"] if i["code"] == "code-invalid"]
+    assert warning["severity"] == "warning" and "extensible" in warning["diagnostics"]
+    assert asked and asked[0].startswith("/ValueSet/$validate-code?") and "code=87915002" in asked[0]

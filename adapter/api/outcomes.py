@@ -4,10 +4,9 @@ The HTTP-only errors (UnknownResourceType 404, NotAcceptable 406, UnsupportedMed
 the adapter's one tree (:mod:`adapter.errors`) and are re-exported here.
 
 :func:`install` registers the exception handlers that render every error of every route as an
-OperationOutcome in the negotiated format: the adapter's own errors, Starlette's 404/405, FastAPI's
-request validation errors (400 here: a malformed parameter is a bad request in FHIR, while 422 is
-kept for resources that fail validation, https://hl7.org/fhir/R4/http.html#update) and any
-unexpected exception (500, with no internal details).
+OperationOutcome in the negotiated format: the adapter's own errors (a malformed parameter is an
+InputError, 400; 422 is kept for resources that fail validation, https://hl7.org/fhir/R4/http.html#update),
+Starlette's 404/405 and any unexpected exception (500, with no internal details).
 See https://hl7.org/fhir/R4/operationoutcome.html and https://hl7.org/fhir/R4/http.html#2.21.0.4.
 """
 
@@ -16,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
@@ -92,25 +90,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _respond(request, exc.status_code, [issue], headers)
 
 
-def _expression(location: tuple[Any, ...] | list[Any]) -> str:
-    """FastAPI's error location (``("query", "_count")``) as the parameter's name."""
-    return ".".join(str(part) for part in location[1:]) or str(location[0])
-
-
-async def _request_validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    issues = [
-        {
-            "severity": "error",
-            "code": "invalid",
-            "diagnostics": str(error.get("msg", "invalid request")),
-            "expression": [_expression(error.get("loc", ("request",)))],
-        }
-        for error in exc.errors()
-    ]
-    return _respond(request, 400, issues)
-
-
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     # No exception text leaves the server: it may hold internals. The server logs the exception.
     issue = {"severity": "fatal", "code": "exception", "diagnostics": "An unexpected error occurred on the server"}
@@ -121,5 +100,4 @@ def install(app: FastAPI) -> None:
     """Render every error of ``app`` as an OperationOutcome (the one place errors are rendered)."""
     app.add_exception_handler(AdapterError, _adapter_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _request_validation_error)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -1,7 +1,7 @@
 """Pieces shared by the SQL implementations of the ``ResourceStore`` seam (SQLite, PostgreSQL).
 
 Id and type checks, the store's meta stamping, instants, If-Match parsing, and the history query,
-which differs between the two only in its parameter placeholder and its tie-breaking column.
+which differs between the two only in its tie-breaking column.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def with_meta(resource: Resource, id: str, version: int, last_updated: str) -> R
 
 
 def history_query(
-    type: str | None, id: str | None, since: str | None, count: int | None, *, placeholder: str, tiebreak: str
+    type: str | None, id: str | None, since: str | None, count: int | None, *, tiebreak: str
 ) -> tuple[str, list[Any]]:
     """SQL and parameters for instance, type or system history, newest first.
 
@@ -70,17 +70,17 @@ def history_query(
     params: list[Any] = []
     for column, value in (("type", type), ("id", id)):
         if value is not None:
-            where.append(f"{column} = {placeholder}")
+            where.append(f"{column} = ?")
             params.append(value)
     if since is not None:
-        where.append(f"last_updated >= {placeholder}")
+        where.append("last_updated >= ?")
         params.append(since)
     sql = "SELECT type, id, version, last_updated, deleted, json FROM history"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += f" ORDER BY last_updated DESC, {tiebreak} DESC"
     if count is not None:
-        sql += f" LIMIT {placeholder}"
+        sql += " LIMIT ?"
         params.append(count)
     return sql, params
 

@@ -109,23 +109,13 @@ class PostgresStore(SQLStore):
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         conn: psycopg.Connection[tuple[Any, ...]] = psycopg.connect(self._dsn, autocommit=True)
-        try:
+
+        def setup() -> None:
             conn.execute(f"SET lock_timeout = {self._lock_timeout_ms}")
-            self._conn = conn
-            self._begin()
-            try:
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-                conn.execute(_SCHEMA + INDEX_SCHEMA)
-                self._reindex_if_stale()
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except BaseException:
-            self._conn = None
-            conn.close()
-            raise
-        return conn
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            conn.execute(_SCHEMA + INDEX_SCHEMA)
+
+        return self._adopt(conn, setup)  # type: ignore[no-any-return]
 
     async def read(self, type: str, id: str) -> Resource:
         """Reads go straight from the event loop over an async connection of their own (autocommit,

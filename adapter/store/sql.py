@@ -130,6 +130,26 @@ class SQLStore:
         """Open a connection with the schema in place (and the index rebuilt if it is stale)."""
         raise NotImplementedError
 
+    def _adopt(self, conn: Any, setup: Callable[[], None]) -> Any:
+        """Make ``conn`` the store's connection: in one write transaction run ``setup`` (the
+        dialect's schema statements) and rebuild a stale search index; on any failure roll back,
+        close ``conn`` and raise."""
+        self._conn = conn
+        try:
+            self._begin()
+            try:
+                setup()
+                self._reindex_if_stale()
+                self._execute("COMMIT")
+            except BaseException:
+                self._execute("ROLLBACK")
+                raise
+        except BaseException:
+            self._conn = None
+            conn.close()
+            raise
+        return conn
+
     def _usable(self, conn: Any) -> bool:
         return True
 
@@ -233,9 +253,7 @@ class SQLStore:
             raise ValueError("instance history needs the type as well as the id")
         if count is not None and count < 0:
             raise ValueError("count must not be negative")
-        sql, params = history_query(
-            type, id, None if since is None else instant(since), count, placeholder="?", tiebreak=self.tiebreak
-        )
+        sql, params = history_query(type, id, None if since is None else instant(since), count, tiebreak=self.tiebreak)
         return history_entries(await self._run(self._execute, sql, params))
 
     async def transaction(self, operations: Sequence[Operation]) -> list[OperationResult]:

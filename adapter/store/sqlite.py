@@ -89,20 +89,12 @@ class SQLiteStore(SQLStore):
             if self._path != ":memory:":
                 conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if self._synchronous == 'FULL' else 'NORMAL'}")
+            # executescript commits first, so it runs before the store's write transaction.
             conn.executescript(_SCHEMA + INDEX_SCHEMA)
-            self._conn = conn
-            self._begin()
-            try:
-                self._reindex_if_stale()
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
         except BaseException:
-            self._conn = None
             conn.close()
             raise
-        return conn
+        return self._adopt(conn, lambda: None)  # type: ignore[no-any-return]
 
     async def read(self, type: str, id: str) -> Resource:
         """A read of a file database runs right here on the event loop's thread, on a read-only

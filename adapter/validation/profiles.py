@@ -79,7 +79,6 @@ class Rule:
     """The merged constraints of one element id of a profile."""
 
     id: str
-    source: str
     min: int | None = None
     max: str | None = None
     types: list[dict[str, Any]] | None = None
@@ -162,14 +161,14 @@ def _normalise_id(element_id: str) -> str:
     return ".".join(parts)
 
 
-def _merge(rules: dict[str, Rule], element: dict[str, Any], source: str, core: bool) -> None:
+def _merge(rules: dict[str, Rule], element: dict[str, Any], core: bool) -> None:
     element_id = element.get("id") or element.get("path")
     if not isinstance(element_id, str):
         return
     element_id = _normalise_id(element_id)
     rule = rules.get(element_id)
     if rule is None:
-        rule = rules[element_id] = Rule(element_id, source)
+        rule = rules[element_id] = Rule(element_id)
     if "sliceName" in element:
         rule.slice_name = element["sliceName"]
     if not core:
@@ -200,7 +199,6 @@ def _merge(rules: dict[str, Rule], element: dict[str, Any], source: str, core: b
         source_url = constraint.get("source", "")
         if isinstance(constraint.get("expression"), str) and not (core and source_url.startswith(CORE_PREFIX)):
             rule.constraints[constraint["key"]] = constraint
-    rule.source = source
 
 
 def _core_element(path: str) -> model.ElementDef | None:
@@ -249,12 +247,11 @@ def compile_profile(url: str, packages: PackageSet) -> CompiledProfile:
             raise ProfileError(f"profile {chain[-1]['url']} derives from {base}, which is not in the loaded packages")
     rules: dict[str, Rule] = {}
     for sd in reversed(chain):
-        source = sd.get("name") or sd.get("id") or sd["url"]
         if sd.get("snapshot", {}).get("element"):
             for element, core in _snapshot_elements(sd):
-                _merge(rules, element, source, core)
+                _merge(rules, element, core)
         for element in sd.get("differential", {}).get("element") or ():
-            _merge(rules, element, source, False)
+            _merge(rules, element, False)
     profile = chain[0]
     root = profile["type"]
     groups: dict[str, dict[str, _Group]] = {}
@@ -269,8 +266,7 @@ def compile_profile(url: str, packages: PackageSet) -> CompiledProfile:
                 group.slices.setdefault(slice_name, f"{group_id}:{slice_name}")
             # A slice's own children hang under the slice's id, not the group's.
             parts_id = ".".join(parts[: depth + 1])
-            if parts_id not in rules:
-                rules.setdefault(parts_id, Rule(parts_id, profile.get("name", url)))
+            rules.setdefault(parts_id, Rule(parts_id))
     name = profile.get("name") or profile.get("id") or url
     return CompiledProfile(url, name, root, rules, groups, list(profile.get("context") or ()))
 
@@ -845,10 +841,8 @@ class _Run:
             node, path = stack.pop()
             if isinstance(node, dict):
                 for key, value in node.items():
-                    if key in ("contained", "resource") and path != where:
-                        continue
-                    if key == "contained":
-                        continue
+                    if key in ("contained", "resource"):
+                        continue  # contained resources and Bundle entries are checked as resources
                     if key in _EXTENSIONS and isinstance(value, list):
                         for i, extension in enumerate(value):
                             self.extension(extension, key, f"{path}.{key}[{i}]", label)
@@ -879,18 +873,30 @@ class _Run:
 _STEP = re.compile(r"\.?([A-Za-z_]+)(?:\[(\d+)\])?(?:\.ofType\(([A-Za-z]+)\))?")
 
 
+def _child(node: Any, name: str, index: str) -> Any:
+    """Property ``name`` of a JSON object (a choice element by its base name: ``value`` finds
+    ``valueQuantity``), then item ``index`` of it when one is given."""
+    if not isinstance(node, dict):
+        return None
+    key = name
+    if key not in node:
+        key = next((k for k in node if k.startswith(name) and k[len(name) : len(name) + 1].isupper()), name)
+    found = node.get(key)
+    if index:
+        found = found[int(index)] if isinstance(found, list) and int(index) < len(found) else None
+    return found
+
+
+def _steps(where: str) -> list[tuple[str, str, str]]:
+    """(name, index, ofType) of each step of an issue path after its root."""
+    return _STEP.findall(where.split(".", 1)[1] if "." in where else "")
+
+
 def _node_at(root: Any, where: str) -> Any:
     """The JSON node that an issue path (``Bundle.entry[1].resource.identifier[0]``) names."""
     node = root
-    for name, index, _ in _STEP.findall(where.split(".", 1)[1] if "." in where else ""):
-        if not isinstance(node, dict):
-            return None
-        key = name
-        if key not in node:
-            key = next((k for k in node if k.startswith(name) and k[len(name) : len(name) + 1].isupper()), name)
-        node = node.get(key)
-        if index:
-            node = node[int(index)] if isinstance(node, list) and int(index) < len(node) else None
+    for name, index, _ in _steps(where):
+        node = _child(node, name, index)
     return node
 
 
@@ -898,17 +904,14 @@ def _context_of(root: Any, where: str) -> tuple[str | None, str | None, str | No
     """The element path (``Patient.telecom.system``), its type (``code``) and its path inside the
     nearest datatype (``ContactPoint.system``) of the node at ``where``, starting again at each
     resource inside a Bundle or contained."""
-    steps = _STEP.findall(where.split(".", 1)[1] if "." in where else "")
     node: Any = root
     type_name = root.get("resourceType") if isinstance(root, dict) else None
     if not isinstance(type_name, str):
         return None, None, None
     path, model_type, element_path = type_name, type_name, type_name
     datatype_path: str | None = None
-    for name, index, of_type in steps:
-        node = node.get(name) if isinstance(node, dict) and name in node else _node_at({"_": node}, f"_.{name}")
-        if index and isinstance(node, list):
-            node = node[int(index)] if int(index) < len(node) else None
+    for name, index, of_type in _steps(where):
+        node = _child(node, name, index)
         if isinstance(node, dict) and isinstance(node.get("resourceType"), str) and name in ("resource", "contained"):
             type_name = node["resourceType"]
             path, model_type, element_path = type_name, type_name, type_name
