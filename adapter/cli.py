@@ -4,11 +4,14 @@
                    [--must-support] [--format text|json|junit] [--quiet] [-o OUTPUT]
     spfhir convert INPUT --to json|xml [--pretty] [-o OUTPUT]
     spfhir serve [--host H] [--port P] [--database URL] [--workers N] [--demo]
+    spfhir map --mapping NAME INPUT [-o OUTPUT | --to-server URL] [--batch-size N]; spfhir map --list
+    spfhir unmap --mapping NAME INPUT -o OUTPUT.csv
     spfhir --version
 
 Exit codes (validate): 0 every input is valid, 1 some input has an error issue, 2 a usage error or
 an input that could not be read (reported on stderr as ``error: FILE: reason``, one line each; the
-other inputs are still validated). ``convert`` and ``serve`` exit 0 or 2.
+other inputs are still validated). ``map`` exits 1 when some records were rejected. ``convert``,
+``unmap`` and ``serve`` exit 0 or 2.
 
 Start-up time matters (the command runs once per file in pre-commit hooks and CI jobs): this module
 imports only typer at import time; the validator, the codecs and rich are imported inside the
@@ -500,6 +503,141 @@ def serve(
 
 
 # -- profiles and packages -------------------------------------------------------------------------
+
+# -- map, unmap -----------------------------------------------------------------------------------
+
+
+class SourceKind(StrEnum):
+    csv = "csv"
+    json = "json"
+    ndjson = "ndjson"
+    xml = "xml"
+
+
+class _Counter:
+    """A record counter with rate on stderr, when it is a terminal."""
+
+    def __init__(self, label: str) -> None:
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(
+            SpinnerColumn(),
+            TextColumn(label),
+            TextColumn("{task.completed} records"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._task = self._bar.add_task("", total=None)
+        self._bar.start()
+
+    def step(self) -> None:
+        self._bar.advance(self._task)
+
+    def stop(self) -> None:
+        self._bar.stop()
+
+
+@app.command("map")
+def map_command(
+    input: Annotated[str | None, typer.Argument(help="Source file (CSV, JSON, NDJSON, XML), or - for stdin.")] = None,
+    mapping: Annotated[str | None, typer.Option("--mapping", "-m", help="Mapping name (see --list).")] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="OUT.ndjson (resources), DIR/ (a transaction Bundle per batch), OUT.json or - (one Bundle).",
+        ),
+    ] = None,
+    to_server: Annotated[
+        str | None, typer.Option("--to-server", help="FHIR base URL: POST each batch there as a transaction.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Records per transaction Bundle.")] = 100,
+    source_format: Annotated[
+        SourceKind | None, typer.Option("--format", help="Source format (default: from the file name or content).")
+    ] = None,
+    encoding: Annotated[
+        str | None, typer.Option("--encoding", help="CSV encoding (default: UTF-8, with or without BOM, else cp1252).")
+    ] = None,
+    delimiter: Annotated[
+        str | None, typer.Option("--delimiter", help="CSV delimiter (default: the mapping's).")
+    ] = None,
+    summary_json: Annotated[
+        str | None, typer.Option("--summary-json", help="Also write the run's summary as JSON to this file.")
+    ] = None,
+    list_mappings: Annotated[bool, typer.Option("--list", help="List the mappings and exit.")] = False,
+) -> None:
+    """Map source records to FHIR R4 (UK Core) with a declarative mapping.
+
+    Exit codes: 0 every record mapped, 1 some records rejected (listed on stderr), 2 usage error or
+    unreadable input.
+    """
+    from adapter.errors import AdapterError
+    from adapter.mapping.spec import available
+
+    if list_mappings:
+        for name, title in available():
+            typer.echo(f"{name}\t{title}")
+        raise typer.Exit(EXIT_OK)
+    if mapping is None or input is None:
+        _fail("map needs --mapping NAME and an INPUT (or --list)")
+    if output is not None and to_server is not None:
+        _fail("give either -o OUTPUT or --to-server URL, not both")
+    from adapter.mapping.commands import map_records, summary_lines
+
+    counter = (
+        _Counter(f"mapping {Path(input).name}") if sys.stderr.isatty() and os.environ.get("TERM") != "dumb" else None
+    )
+    try:
+        handle = sys.stdin.buffer if input == "-" else open(input, "rb")  # noqa: SIM115
+    except OSError as exc:
+        _fail(f"{input}: {exc.strerror or exc}")
+    try:
+        with handle:
+            summary = map_records(
+                mapping,
+                handle,
+                "stdin" if input == "-" else Path(input).name,
+                output,
+                to_server=to_server,
+                batch_size=batch_size,
+                format=source_format.value if source_format else None,
+                encoding=encoding,
+                delimiter=delimiter,
+                on_record=counter.step if counter else None,
+            )
+    except AdapterError as exc:
+        _fail(f"{input}: {exc.message}")
+    finally:
+        if counter is not None:
+            counter.stop()
+    for line in summary_lines(summary):
+        _stderr(line)
+    if summary_json:
+        import orjson
+
+        _write_output(summary_json, orjson.dumps(summary.as_json(), option=orjson.OPT_INDENT_2))
+    raise typer.Exit(EXIT_INVALID if summary.rejected else EXIT_OK)
+
+
+@app.command("unmap")
+def unmap_command(
+    input: Annotated[str, typer.Argument(help="FHIR resources: a Bundle (JSON or XML), NDJSON, or a folder of them.")],
+    mapping: Annotated[str, typer.Option("--mapping", "-m", help="Mapping name (see spfhir map --list).")],
+    output: Annotated[str, typer.Option("-o", "--output", help="OUT.csv (groups as JSON cells) or OUT.ndjson.")],
+) -> None:
+    """Write FHIR resources back as flat source records (one per referral, case or assessment), for reporting."""
+    from adapter.errors import AdapterError
+    from adapter.mapping.unmap_files import unmap_files
+
+    try:
+        count = unmap_files(mapping, Path(input), output)
+    except AdapterError as exc:
+        _fail(f"{input}: {exc.message}")
+    _stderr(f"{count} records written to {output}")
+
 
 profiles_app = typer.Typer(help="The project's FHIR profile package.", no_args_is_help=True)
 packages_app = typer.Typer(help="FHIR packages in the package cache (~/.fhir/packages).", no_args_is_help=True)

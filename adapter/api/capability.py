@@ -79,6 +79,13 @@ def _supported_profiles() -> dict[str, list[str]]:
     return {type: sorted(urls) for type, urls in found.items()}
 
 
+# System-level operations and their definitions: the R4 one, or ours in conformance/.
+_SYSTEM_OPERATIONS = {
+    "process-message": "http://hl7.org/fhir/OperationDefinition/MessageHeader-process-message",
+    "ingest": "https://sp-fhir-adapter.org/fhir/OperationDefinition/ingest",
+}
+
+
 def capability_statement(routes: Iterable[Route], base_url: str) -> dict[str, Any]:
     """A CapabilityStatement (kind ``instance``) that declares exactly the interactions of ``routes``.
 
@@ -92,7 +99,12 @@ def capability_statement(routes: Iterable[Route], base_url: str) -> dict[str, An
             route.interaction for route in routes if route.level != "system" and not route.interaction.startswith("$")
         )
     )
-    operations = sorted({route.interaction[1:] for route in routes if route.interaction.startswith("$")})
+    operations = sorted(
+        {route.interaction[1:] for route in routes if route.interaction.startswith("$") and route.level != "system"}
+    )
+    system_operations = sorted(
+        {route.interaction[1:] for route in routes if route.interaction.startswith("$") and route.level == "system"}
+    )
     system = list(
         dict.fromkeys(
             code for route in routes for code in (route.interaction, *route.also) if code in _SYSTEM_INTERACTIONS
@@ -128,6 +140,14 @@ def capability_statement(routes: Iterable[Route], base_url: str) -> dict[str, An
     rest: dict[str, Any] = {"mode": "server", "resource": resource}
     if system:
         rest["interaction"] = [{"code": code} for code in system]
+    if system_operations:
+        rest["operation"] = [
+            {
+                "name": name,
+                "definition": _SYSTEM_OPERATIONS.get(name, f"http://hl7.org/fhir/OperationDefinition/{name}"),
+            }
+            for name in system_operations
+        ]
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",

@@ -32,6 +32,7 @@ from adapter.api.context import (
     version_headers,
     written,
 )
+from adapter.api.ingest import ingest
 from adapter.api.json_patch import JSON_PATCH
 from adapter.api.negotiation import read_body, render, response_format
 from adapter.api.operations import validate_instance, validate_stored, validate_type
@@ -279,6 +280,7 @@ ROUTES: tuple[Route, ...] = (
     # Paging links of a search ([base]?_getpages=...) are part of search-type.
     Route("GET", "", "search-type", "type", get_pages),
     Route("POST", "", "transaction", "system", process_bundle, also=("batch",)),
+    Route("POST", "/$ingest", "$ingest", "system", ingest),
     Route("GET", "/{type}/_history", "history-type", "type", history_type),
     Route("POST", "/{type}/$validate", "$validate", "type", validate_type),
     Route("POST", "/{type}/{id}/$validate", "$validate", "instance", validate_instance),

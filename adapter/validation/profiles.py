@@ -395,10 +395,19 @@ class ProfileValidator:
             )
         return self._extension_urls
 
-    def validate(self, resource: Any, profiles: Sequence[str] = ()) -> list[Issue]:
+    def validate(
+        self,
+        resource: Any,
+        profiles: Sequence[str] = (),
+        *,
+        resolve: Callable[[str], dict[str, Any] | None] | None = None,
+    ) -> list[Issue]:
+        """Issues of ``resource`` against R4 and its profiles. ``resolve`` finds the targets of
+        references (``urn:uuid:...``) when the resource is checked outside its Bundle, as the
+        mapping engine does; inside a Bundle the Bundle's entries are used."""
         issues = list(self.structural.validate(resource))
         if isinstance(resource, dict):
-            run = _Run(self, resource)
+            run = _Run(self, resource, resolve)
             run.resource(resource, resource.get("resourceType", "Resource"), list(profiles), None)
             issues += run.issues
         return list(dict.fromkeys(issues))
@@ -407,7 +416,12 @@ class ProfileValidator:
 class _Run:
     """One validation of one (top-level) resource: its issues, and what it has seen."""
 
-    def __init__(self, validator: ProfileValidator, root: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        validator: ProfileValidator,
+        root: dict[str, Any],
+        resolve: Callable[[str], dict[str, Any] | None] | None = None,
+    ) -> None:
         self.v = validator
         self.root = root
         self.issues: list[Issue] = []
@@ -415,7 +429,8 @@ class _Run:
         self.checked_profiles: set[tuple[int, str]] = set()
         self.probing = 0
         self.not_checked: set[str] = set()
-        resolve = fhirpath.bundle_resolver(root) if root.get("resourceType") == "Bundle" else None
+        if root.get("resourceType") == "Bundle":
+            resolve = fhirpath.bundle_resolver(root)
         self.resolve: Callable[[str], dict[str, Any] | None] | None = resolve
 
     # -- issues ----------------------------------------------------------------------------------

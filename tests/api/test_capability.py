@@ -78,10 +78,18 @@ async def test_the_interactions_are_exactly_those_of_the_routing_table(client: h
     for resource in rest["resource"]:
         assert sorted(item["code"] for item in resource["interaction"]) == sorted(per_type), resource["type"]
         assert [op["name"] for op in resource["operation"]] == ["validate"]
-    system = {code for route in ROUTES if route.level == "system" for code in (route.interaction, *route.also)} - {
-        "capabilities"
-    }
+    system = {
+        code
+        for route in ROUTES
+        if route.level == "system" and not route.interaction.startswith("$")
+        for code in (route.interaction, *route.also)
+    } - {"capabilities"}
     assert {item["code"] for item in rest["interaction"]} == system == {"history-system", "transaction", "batch"}
+    operations = {route.interaction[1:] for route in ROUTES if route.level == "system" and route.interaction[0] == "$"}
+    assert {item["name"] for item in rest["operation"]} == operations
+    assert "ingest" in operations
+    ingest = next(item for item in rest["operation"] if item["name"] == "ingest")
+    assert ingest["definition"] == "https://sp-fhir-adapter.org/fhir/OperationDefinition/ingest"
 
 
 async def test_search_parameters_are_declared_per_type_from_the_r4_definitions(client: httpx.AsyncClient) -> None:

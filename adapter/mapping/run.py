@@ -1,0 +1,200 @@
+"""A mapping run: stream records from a source, map them, and hand out transaction Bundles.
+
+Records are read and mapped one at a time and grouped into batches of ``batch_size`` records; each
+batch becomes one transaction Bundle (conditional creates on business identifiers, so a batch sent
+twice stores nothing twice, https://hl7.org/fhir/R4/http.html#ccreate) with a Provenance of the run
+for its resources (https://hl7.org/fhir/R4/provenance.html). Only the current batch is in memory.
+
+The :class:`Summary` counts records mapped and rejected (record number, field, reason), resources,
+unused source fields and defaults applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from importlib import metadata
+from typing import IO, Any
+
+from adapter.mapping.base import MappedResource
+from adapter.mapping.engine import MappedRecord, Mapper, transaction_entry
+from adapter.mapping.ids import NAMESPACE
+from adapter.mapping.sources import read_records
+from adapter.mapping.spec import MappingSpec, SourceFormat
+from adapter.validation import Validator
+
+__all__ = ["Batch", "Rejection", "Summary", "provenance", "run"]
+
+#: Rejections kept in the summary; beyond it they are only counted (bounded memory).
+MAX_REJECTIONS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    record: int
+    field: str | None
+    reason: str
+
+    @property
+    def expression(self) -> str:
+        return f"record[{self.record}]" + (f".{self.field}" if self.field else "")
+
+
+@dataclass(slots=True)
+class Summary:
+    mapping: str
+    source: str
+    records: int = 0
+    mapped: int = 0
+    rejected: int = 0
+    resources: int = 0
+    batches: int = 0
+    rejections: list[Rejection] = field(default_factory=list)
+    unused: Counter[str] = field(default_factory=Counter)
+    defaults: Counter[str] = field(default_factory=Counter)
+
+    def add(self, result: MappedRecord) -> None:
+        self.records += 1
+        self.unused.update(result.unused)
+        self.defaults.update(item.split("=", 1)[0] for item in result.defaults)
+        if result.error is not None:
+            self.rejected += 1
+            if len(self.rejections) < MAX_REJECTIONS:
+                self.rejections.append(Rejection(result.number, result.error.field, result.error.message))
+        else:
+            self.mapped += 1
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "mapping": self.mapping,
+            "source": self.source,
+            "records": self.records,
+            "mapped": self.mapped,
+            "rejected": self.rejected,
+            "resources": self.resources,
+            "bundles": self.batches,
+            "rejections": [
+                {"record": item.record, "field": item.field, "reason": item.reason} for item in self.rejections
+            ],
+            "unused_fields": dict(sorted(self.unused.items())),
+            "defaults_applied": dict(sorted(self.defaults.items())),
+        }
+
+
+@dataclass(slots=True)
+class Batch:
+    """The records of one batch and their resources, each resource once (first record wins)."""
+
+    index: int
+    records: list[MappedRecord]
+    resources: list[MappedResource]
+
+    def bundle(self, spec: MappingSpec, source: str, recorded: str | None = None) -> dict[str, Any]:
+        """The batch as a transaction Bundle, its Provenance last."""
+        entries = [transaction_entry(item) for item in self.resources]
+        if self.resources:
+            entries.append(transaction_entry(provenance(spec, source, self.resources, recorded)))
+        return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+@cache
+def _version() -> str:
+    try:
+        return metadata.version("sp-fhir-adapter")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def provenance(
+    spec: MappingSpec, source: str, resources: Iterable[MappedResource], recorded: str | None = None
+) -> MappedResource:
+    """The Provenance of a mapping run for ``resources``: which mapping made them from which source.
+
+    Its id is a uuid5 of the mapping and of the resources' ids, so mapping the same data again
+    gives the same Provenance, written by id (``PUT``): a re-run adds no new Provenance.
+    """
+    ids = hashlib.sha256()
+    targets = []
+    for item in resources:
+        resource_id = item.resource["id"]
+        ids.update(resource_id.encode())
+        targets.append({"reference": f"urn:uuid:{resource_id}"})
+    id = str(uuid.uuid5(NAMESPACE, f"Provenance?mapping={spec.name}&resources={ids.hexdigest()}"))
+    resource = {
+        "resourceType": "Provenance",
+        "id": id,
+        "target": targets,
+        "recorded": recorded or datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "activity": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                    "code": "CREATE",
+                    "display": "create",
+                }
+            ]
+        },
+        "agent": [
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                            "code": "assembler",
+                            "display": "Assembler",
+                        }
+                    ]
+                },
+                "who": {"display": f"sp-fhir-adapter {_version()}, mapping {spec.name}"},
+            }
+        ],
+        "entity": [{"role": "source", "what": {"display": source}}],
+    }
+    return MappedResource(resource)
+
+
+def run(
+    spec: MappingSpec,
+    stream: IO[bytes],
+    validator: Validator,
+    summary: Summary,
+    *,
+    batch_size: int = 100,
+    format: SourceFormat | None = None,
+    encoding: str | None = None,
+    delimiter: str | None = None,
+    on_record: Callable[[], None] | None = None,
+) -> Iterator[Batch]:
+    """Map ``stream`` record by record; yield a :class:`Batch` for every ``batch_size`` records
+    (and the rest). ``summary`` is updated as records go."""
+    mapper = Mapper(spec, validator)
+    records: list[MappedRecord] = []
+    index = 0
+
+    def batch() -> Batch:
+        seen: dict[str, MappedResource] = {}
+        for record in records:
+            for item in record.resources:
+                seen.setdefault(item.resource["id"], item)
+        summary.batches += 1
+        summary.resources += len(seen)
+        return Batch(index, list(records), list(seen.values()))
+
+    raws = read_records(spec, stream, format=format, encoding=encoding, delimiter=delimiter, name=summary.source)
+    for raw in raws:
+        result = mapper.map(raw)
+        summary.add(result)
+        if on_record is not None:
+            on_record()
+        records.append(result)
+        if len(records) >= batch_size:
+            yield batch()
+            index += 1
+            records = []
+    if records:
+        yield batch()
