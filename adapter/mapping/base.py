@@ -39,6 +39,8 @@ class MappedResource:
 
     resource: dict[str, Any]
     if_none_exist: str | None = None
+    #: The spec's name for the resource (``patient``), when a spec's rules made it.
+    key: str | None = None
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@ import orjson
 
 from adapter.fhir.json_format import dumps
 from adapter.mapping.base import Mapped, MappedResource, MappingError
-from adapter.mapping.helpers import HELPERS
+from adapter.mapping.helpers import HELPERS, ArgumentError
 from adapter.mapping.ids import deterministic_id, identity
 from adapter.mapping.sources import RawRecord, Record, extract
 from adapter.mapping.spec import MappingSpec, ResourceSpec, RuleSpec, Step
@@ -84,7 +84,7 @@ def _put(node: dict[str, Any], path: Sequence[Step], value: Any) -> None:
             elif isinstance(item, dict) and isinstance(items[index], dict):
                 items[index].update(copy.deepcopy(item))
             else:
-                items[index] = item
+                items[index] = copy.deepcopy(item) if isinstance(item, list) else item
         return
     while len(items) <= step.index:
         items.append({})
@@ -92,7 +92,7 @@ def _put(node: dict[str, Any], path: Sequence[Step], value: Any) -> None:
         if isinstance(value, dict) and isinstance(items[step.index], dict):
             items[step.index].update(copy.deepcopy(value))
         else:
-            items[step.index] = value
+            items[step.index] = copy.deepcopy(value) if isinstance(value, list) else value
         return
     _put(items[step.index], rest, value)
 
@@ -106,6 +106,43 @@ def _pruned(value: Any) -> Any:
         items = [item for item in (_pruned(v) for v in value) if item is not _MISSING]
         return items if items else _MISSING
     return _MISSING if value is None or value == "" else value
+
+
+def _references(value: Any, found: set[str]) -> set[str]:
+    if isinstance(value, dict):
+        reference = value.get("reference")
+        if isinstance(reference, str) and reference.startswith("urn:uuid:"):
+            found.add(reference[9:])
+        for item in value.values():
+            if isinstance(item, dict | list):
+                _references(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _references(item, found)
+    return found
+
+
+def _referenced_first(resources: list[MappedResource]) -> list[MappedResource]:
+    """The resources ordered so that each comes after the ones it refers to (cycles broken in input
+    order): a reference is then checked against a target already known to be valid."""
+    by_id = {item.resource["id"]: item for item in resources}
+    ordered: list[MappedResource] = []
+    state: dict[str, int] = {}
+
+    def visit(item: MappedResource) -> None:
+        id = item.resource["id"]
+        if state.get(id):
+            return
+        state[id] = 1
+        for target in sorted(_references(item.resource, set())):
+            if target in by_id:
+                visit(by_id[target])
+        state[id] = 2
+        ordered.append(item)
+
+    for item in resources:
+        visit(item)
+    return ordered
 
 
 def _fill(target: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -164,8 +201,10 @@ class Mapper:
         self.validator = validator
         # Identical resources (the practice of every referral from one surgery) are checked once.
         self._checked: dict[bytes, str | None] = {}
-        self._rule_fields = {
-            (resource.type, re.sub(r"\[[^]]*]", "", rule.text)): rule.field or (rule.args[0] if rule.args else None)
+        # The field a rule took its value from, by (resource key, path without indexes): a profile
+        # issue at that path is reported against that field.
+        self._rule_fields: dict[tuple[str | None, str], str | None] = {
+            (resource.key, re.sub(r"\[[^]]*]", "", rule.text)): rule.field or (rule.args[0] if rule.args else None)
             for resource in spec.resources
             for rule in resource.rules
         }
@@ -187,8 +226,9 @@ class Mapper:
                 mapped = self.build(record)
                 result.unused += mapped.unused
             targets = {f"urn:uuid:{item.resource.get('id')}": item.resource for item in mapped.resources}
-            for item in mapped.resources:
-                self._validate(item.resource, raw.number, targets)
+            conformance: dict[tuple[int, str], bool] = {}
+            for item in _referenced_first(mapped.resources):
+                self._validate(item, raw.number, targets, conformance)
             result.resources = mapped.resources
         except MappingError as exc:
             if exc.record is None:
@@ -196,17 +236,25 @@ class Mapper:
             result.error = exc
         return result
 
-    def _validate(self, resource: dict[str, Any], number: int, targets: dict[str, dict[str, Any]]) -> None:
+    def _validate(
+        self,
+        item: MappedResource,
+        number: int,
+        targets: dict[str, dict[str, Any]],
+        conformance: dict[tuple[int, str], bool],
+    ) -> None:
+        resource = item.resource
         key = orjson.dumps(resource, option=orjson.OPT_SORT_KEYS, default=str)
-        if b'"urn:uuid:' in key:
-            # What a reference must resolve to (a profile discriminator) may differ between
-            # records, so only resources without references are checked once for all.
-            key = key + b"|" + str(number).encode()
-        if key not in self._checked:
+        # What a reference must resolve to (a profile discriminator) may differ between records,
+        # so only resources without references are checked once for all.
+        shared = b'"urn:uuid:' not in key
+        if shared and key in self._checked:
+            problem = self._checked[key]
+        else:
             problem = None
             validate = self.validator.validate
             issues = (
-                validate(resource, resolve=targets.get)  # type: ignore[call-arg]
+                validate(resource, resolve=targets.get, conformance=conformance)  # type: ignore[call-arg]
                 if isinstance(self.validator, ProfileValidator)
                 else validate(resource)
             )
@@ -214,14 +262,20 @@ class Mapper:
                 if issue.is_error:
                     problem = f"{issue.expression or resource['resourceType']}: {issue.diagnostics}"
                     break
-            self._checked[key] = problem
-            if len(self._checked) > 50_000:  # bounded memory on long runs
-                self._checked.clear()
-        problem = self._checked[key]
+            if shared:
+                if len(self._checked) >= 10_000:  # bounded memory on long runs
+                    self._checked.clear()
+                self._checked[key] = problem
+        if problem is None and isinstance(self.validator, ProfileValidator):
+            # Valid, so it meets its profile and the profiles that profile derives from: the
+            # references to it from the record's other resources need not check it again.
+            for url in resource.get("meta", {}).get("profile", ()):
+                for ancestor in self.validator.profile(url).ancestors:
+                    conformance[(id(resource), ancestor)] = True
         if problem is not None:
             path = problem.split(":", 1)[0]
             steps = re.sub(r"\[[^]]*]", "", path).split(".", 1)
-            field = self._rule_fields.get((steps[0], steps[1])) if len(steps) == 2 else None
+            field = self._rule_fields.get((item.key, steps[1])) if len(steps) == 2 else None
             raise MappingError(
                 f"the mapped {resource['resourceType']} is not valid: {problem}", record=number, field=field
             )
@@ -233,21 +287,30 @@ class Mapper:
         spec = self.spec
         values = record.values
         ids: dict[str, tuple[str, str, str | None]] = {}  # key -> (type, id, identity)
+        # for_each key -> per group item: its values in scope and its (type, id, identity), or None
+        each: dict[str, list[tuple[dict[str, Any], tuple[str, str, str | None]] | None]] = {}
         for resource in spec.resources:
-            if resource.for_each is None and self._applies(resource.when, values):
-                ids[resource.key] = self._identify(resource, values, record.number)
+            if resource.for_each is None:
+                if self._applies(resource.when, values):
+                    ids[resource.key] = self._identify(resource, values, record.number)
+                continue
+            each[resource.key] = []
+            for item in values.get(resource.for_each) or ():
+                scope = dict(values)
+                scope.update({f"{resource.for_each}.{name}": value for name, value in item.items()})
+                applies = self._applies(resource.when, scope)
+                each[resource.key].append((scope, self._identify(resource, scope, record.number)) if applies else None)
+        # References to a for_each resource: one per group item, None where the item gives none.
+        listed = {key: [None if item is None else item[1][1] for item in items] for key, items in each.items()}
         used: set[str] = set()
         mapped = Mapped()
         for resource in spec.resources:
             if resource.for_each is not None:
-                for item in values.get(resource.for_each) or ():
-                    scope = dict(values)
-                    scope.update({f"{resource.for_each}.{name}": value for name, value in item.items()})
-                    if self._applies(resource.when, scope):
-                        own = self._identify(resource, scope, record.number)
-                        mapped.resources.append(self._resource(resource, scope, own, ids, used))
+                for entry in each[resource.key]:
+                    if entry is not None:
+                        mapped.resources.append(self._resource(resource, entry[0], entry[1], ids, used, listed))
             elif resource.key in ids:
-                mapped.resources.append(self._resource(resource, values, ids[resource.key], ids, used))
+                mapped.resources.append(self._resource(resource, values, ids[resource.key], ids, used, listed))
         mapped.resources = _merged(mapped.resources)
         for name, value in values.items():
             if name not in used and value not in (None, [], ""):
@@ -300,6 +363,7 @@ class Mapper:
         own: tuple[str, str, str | None],
         ids: dict[str, tuple[str, str, str | None]],
         used: set[str],
+        listed: dict[str, list[str | None]],
     ) -> MappedResource:
         body: dict[str, Any] = {"resourceType": resource.type, "id": own[1]}
         if resource.profile:
@@ -307,27 +371,41 @@ class Mapper:
         for rule in resource.rules:
             if not self._applies(rule.when, values):
                 continue
-            value = self._value(rule, values, ids, used)
+            value = self._value(rule, values, ids, used, listed)
             if value is None or value == []:
                 continue
             if rule.repeats and not isinstance(value, list):
                 value = [value]
             _put(body, rule.path, value)
         cleaned = _pruned(body)
-        return MappedResource(cleaned, own[2])
+        return MappedResource(cleaned, own[2], resource.key)
 
     def _value(
-        self, rule: RuleSpec, values: dict[str, Any], ids: dict[str, tuple[str, str, str | None]], used: set[str]
+        self,
+        rule: RuleSpec,
+        values: dict[str, Any],
+        ids: dict[str, tuple[str, str, str | None]],
+        used: set[str],
+        listed: dict[str, list[str | None]],
     ) -> Any:
         spec = self.spec
         if rule.reference is not None:
+            if rule.reference in listed:
+                return [None if id is None else {"reference": f"urn:uuid:{id}"} for id in listed[rule.reference]]
             target = ids.get(rule.reference)
             return None if target is None else {"reference": f"urn:uuid:{target[1]}"}
         if rule.template is not None:
             return self._render(rule.template, values, used)
         if rule.helper is not None:
-            arguments = [self._field(name, values, used) for name in rule.args]
-            return HELPERS[rule.helper](*arguments)
+            arguments = [
+                spec.constants[name] if name in spec.constants else self._field(name, values, used)
+                for name in rule.args
+            ]
+            try:
+                return HELPERS[rule.helper](*arguments)
+            except ArgumentError as exc:
+                # The helper names its argument at fault by position; the record's field by name.
+                raise MappingError(exc.message, field=rule.args[exc.argument]) from exc
         if rule.field is not None:
             value = self._field(rule.field, values, used)
             if value is None or rule.lookup is None:
@@ -335,7 +413,7 @@ class Mapper:
             if isinstance(value, list):
                 return [None if item is None else _lookup_value(spec, rule.lookup, item) for item in value]
             return _lookup_value(spec, rule.lookup, value)
-        return copy.deepcopy(rule.value)
+        return rule.value
 
     def _field(self, name: str, values: dict[str, Any], used: set[str]) -> Any:
         if name in values:

@@ -16,6 +16,7 @@ and the field.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import re
@@ -161,7 +162,9 @@ def _csv(spec: MappingSpec, stream: IO[bytes], encoding: str, delimiter: str) ->
     except UnicodeDecodeError as exc:
         raise ParseError(f"the CSV is not valid {encoding} (pass --encoding): {exc.reason}") from exc
     finally:
-        text.detach()
+        # Leave the caller's stream open (it closes it); it may be closed already.
+        with contextlib.suppress(ValueError):
+            text.detach()
 
 
 def _ndjson(stream: IO[bytes]) -> Iterator[RawRecord]:

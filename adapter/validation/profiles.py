@@ -131,6 +131,8 @@ class CompiledProfile:
     rules: dict[str, Rule]
     groups: dict[str, dict[str, _Group]]
     context: list[dict[str, Any]] = field(default_factory=list)
+    #: This profile and the profiles it derives from: what a resource meeting it meets too.
+    ancestors: tuple[str, ...] = ()
 
 
 @cache
@@ -268,7 +270,8 @@ def compile_profile(url: str, packages: PackageSet) -> CompiledProfile:
             parts_id = ".".join(parts[: depth + 1])
             rules.setdefault(parts_id, Rule(parts_id))
     name = profile.get("name") or profile.get("id") or url
-    return CompiledProfile(url, name, root, rules, groups, list(profile.get("context") or ()))
+    ancestors = (*(sd["url"] for sd in chain), f"{CORE_PREFIX}{root}")
+    return CompiledProfile(url, name, root, rules, groups, list(profile.get("context") or ()), ancestors)
 
 
 @dataclass(slots=True)
@@ -401,15 +404,29 @@ class ProfileValidator:
         profiles: Sequence[str] = (),
         *,
         resolve: Callable[[str], dict[str, Any] | None] | None = None,
+        conformance: dict[tuple[int, str], bool] | None = None,
     ) -> list[Issue]:
         """Issues of ``resource`` against R4 and its profiles. ``resolve`` finds the targets of
         references (``urn:uuid:...``) when the resource is checked outside its Bundle, as the
-        mapping engine does; inside a Bundle the Bundle's entries are used."""
+        mapping engine does; inside a Bundle the Bundle's entries are used. ``conformance``
+        remembers which of those targets meet which profile, across the calls that share it
+        (the targets must not change meanwhile)."""
         issues = list(self.structural.validate(resource))
         if isinstance(resource, dict):
-            run = _Run(self, resource, resolve)
+            run = _Run(self, resource, resolve, conformance)
             run.resource(resource, resource.get("resourceType", "Resource"), list(profiles), None)
             issues += run.issues
+            if conformance is not None and not any(issue.is_error for issue in issues):
+                # The resource meets its profiles, and so the profiles they derive from: a
+                # reference to it checked later needs no second look.
+                meta = resource.get("meta")
+                declared = meta.get("profile") if isinstance(meta, dict) else None
+                for url in [*(declared if isinstance(declared, list) else ()), *profiles]:
+                    try:
+                        for ancestor in self.profile(url).ancestors:
+                            conformance[(id(resource), ancestor)] = True
+                    except ProfileError:
+                        continue
         return list(dict.fromkeys(issues))
 
 
@@ -421,8 +438,12 @@ class _Run:
         validator: ProfileValidator,
         root: dict[str, Any],
         resolve: Callable[[str], dict[str, Any] | None] | None = None,
+        conformance: dict[tuple[int, str], bool] | None = None,
     ) -> None:
         self.v = validator
+        # Whether a reference target meets a profile, by (id(target), profile): a target referred
+        # to from several places (the Patient of every resource of a Bundle) is checked once.
+        self.conformance: dict[tuple[int, str], bool] = {} if conformance is None else conformance
         self.root = root
         self.issues: list[Issue] = []
         self.checked_extensions: set[int] = set()
@@ -478,6 +499,15 @@ class _Run:
 
     def conforms(self, value: Any, url: str, where: str) -> bool:
         """Whether ``value`` (a resource or datatype) meets profile ``url``, without reporting."""
+        if isinstance(value, dict) and "resourceType" in value:
+            key = (id(value), url)
+            known = self.conformance.get(key)
+            if known is None:
+                known = self.conformance[key] = self._conforms(value, url, where)
+            return known
+        return self._conforms(value, url, where)
+
+    def _conforms(self, value: Any, url: str, where: str) -> bool:
         try:
             profile = self.v.profile(url)
         except ProfileError:

@@ -1,0 +1,193 @@
+"""Mapping speed: synthetic referrals, case records and outcomes mapped, validated and ingested.
+
+    .venv/bin/python -m bench.map [--records 100000] [--markdown]
+
+Generates ``--records`` referrals (CSV, sp-referral) with, for every referral, a case record
+(NDJSON, sp-case) and an assessment (CSV, sp-outcomes), all synthetic (NHS numbers from the 999 test
+range with valid check digits), written to a temporary folder. Then measures, each in one process:
+
+1. **mapping plus validation**: every record mapped by its mapping and every resource validated
+   against R4 and its profiles (:func:`adapter.mapping.run.run`), records per second;
+2. **peak memory** of ``spfhir map`` (a child process) on the whole referral file, written as NDJSON:
+   bounded memory means it does not grow with the input;
+3. **end-to-end ingest into SQLite**: the same files POSTed to ``$ingest`` in chunks of 2,000 records
+   through the ASGI app (in process, no sockets) over a SQLite file store, records per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import itertools
+import json
+import resource as rusage
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from adapter.api import create_app
+from adapter.mapping.run import Summary, run
+from adapter.mapping.spec import load
+from adapter.store import SQLiteStore
+from adapter.validation.bundled import bundled_packages
+from adapter.validation.profiles import ProfileValidator
+from bench.api import nhs_numbers
+
+ROOT = Path(__file__).resolve().parents[1]
+REASONS = ["Loneliness", "Low mood", "Debt", "Housing", "Bereavement", "Carer support", "Physical inactivity"]
+GIVEN = ["Alex", "Sam", "Zoë", "Siobhán", "Ellis", "Priya", "Tomás", "Aoife"]
+FAMILY = ["Smith", "O'Connor", "Núñez", "Khan", "Carmody", "Ó Briain", "Jones", "D'Arcy"]
+
+
+def referrals(numbers: list[str]) -> Iterator[list[str]]:
+    yield [
+        "Referral ID",
+        "NHS Number",
+        "Forename",
+        "Surname",
+        "DOB",
+        "Sex",
+        "Postcode",
+        "GP practice ODS code",
+        "Referrer",
+        "Referrer role",
+        "Referrer organisation",
+        "Referral date",
+        "Reasons",
+        "Urgency",
+        "Consent",
+        "Notes",
+    ]
+    for index, number in enumerate(numbers):
+        practice = f"B{81000 + index % 400}"
+        yield [
+            f"REF-{index:07d}",
+            number,
+            GIVEN[index % len(GIVEN)],
+            FAMILY[index % len(FAMILY)],
+            f"{1 + index % 28:02d}/{1 + index % 12:02d}/{1940 + index % 60}",
+            "F" if index % 2 else "M",
+            "ZZ99 3AA",
+            practice,
+            f"Dr Referrer {index % 997}",
+            "GP",
+            practice,
+            f"{1 + index % 28:02d}/{1 + index % 12:02d}/2024",
+            ";".join(REASONS[(index + step) % len(REASONS)] for step in range(1 + index % 2)),
+            "Urgent" if index % 10 == 0 else "Routine",
+            "Y",
+            f"Synthetic referral {index}",
+        ]
+
+
+def write_inputs(folder: Path, count: int) -> dict[str, Path]:
+    numbers = list(itertools.islice(nhs_numbers(), count))
+    files = {"sp-referral": folder / "referrals.csv"}
+    with files["sp-referral"].open("w", encoding="utf-8", newline="") as handle:
+        csv.writer(handle).writerows(referrals(numbers))
+    return files
+
+
+def map_only(files: dict[str, Path]) -> tuple[int, float]:
+    validator = ProfileValidator(bundled_packages())
+    records = 0
+    started = time.perf_counter()
+    for name, path in files.items():
+        summary = Summary(name, path.name)
+        with path.open("rb") as handle:
+            for _ in run(load(name), handle, validator, summary, batch_size=500):
+                pass
+        assert summary.rejected == 0, summary.rejections[:3]
+        records += summary.records
+    return records, time.perf_counter() - started
+
+
+def peak_memory_of_cli(path: Path, mapping: str, folder: Path) -> float:
+    before = rusage.getrusage(rusage.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "spfhir"), "map", "-m", mapping, str(path), "-o", str(folder / "out.ndjson")],
+        check=True,
+        stderr=subprocess.DEVNULL,
+    )
+    peak = rusage.getrusage(rusage.RUSAGE_CHILDREN).ru_maxrss
+    return max(peak, before) / 1024
+
+
+def _chunks(path: Path, size: int) -> Iterator[bytes]:
+    """The file in pieces of ``size`` records (a CSV piece repeats the header)."""
+    with path.open("rb") as handle:
+        header = handle.readline() if path.suffix == ".csv" else b""
+        lines: list[bytes] = []
+        for line in handle:
+            lines.append(line)
+            if len(lines) == size:
+                yield header + b"".join(lines)
+                lines = []
+        if lines:
+            yield header + b"".join(lines)
+
+
+async def ingest(files: dict[str, Path], database: Path) -> tuple[int, float, int]:
+    store = SQLiteStore(str(database))
+    app = create_app(store, max_body_bytes=200_000_000)
+    media = {".csv": "text/csv", ".ndjson": "application/x-ndjson"}
+    records = stored = 0
+    started = time.perf_counter()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://bench", timeout=None
+    ) as client:
+        for name, path in files.items():
+            for body in _chunks(path, 2000):
+                response = await client.post(
+                    "/fhir/$ingest",
+                    params={"mapping": name},
+                    content=body,
+                    headers={"Content-Type": media[path.suffix]},
+                )
+                response.raise_for_status()
+                errors = [issue for issue in response.json()["issue"] if issue["severity"] == "error"]
+                assert not errors, errors[:3]
+                records += body.count(b"\n") - (1 if path.suffix == ".csv" else 0)
+    elapsed = time.perf_counter() - started
+    stored = len(await store.history(count=10_000_000))
+    await store.close()
+    return records, elapsed, stored
+
+
+def main(arguments: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=100_000, help="referrals (each with a case and an assessment)")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    options = parser.parse_args(arguments)
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        files = write_inputs(folder, options.records)
+        mapped, map_seconds = map_only(files)
+        peak = peak_memory_of_cli(files["sp-referral"], "sp-referral", folder)
+        ingested, ingest_seconds, versions = asyncio.run(ingest(files, folder / "bench.db"))
+    figures = {
+        "records": mapped,
+        "map_validate_records_per_s": round(mapped / map_seconds),
+        "cli_peak_rss_mb": round(peak, 1),
+        "ingest_records_per_s": round(ingested / ingest_seconds),
+        "resources_stored": versions,
+        "bench_peak_rss_mb": round(rusage.getrusage(rusage.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if options.markdown:
+        print("| Figure | Value |\n|---|---|")
+        for key, value in figures.items():
+            print(f"| {key} | {value:,} |")
+    else:
+        json.dump(figures, sys.stdout, indent=2)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,268 @@
+"""The mapping engine on the sp-referral mapping: sources, schema checks, rules, ids, trace, reverse."""
+
+from __future__ import annotations
+
+import io
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adapter.errors import ParseError, UnsafeXmlError
+from adapter.mapping.engine import MappedRecord, Mapper
+from adapter.mapping.ids import deterministic_id, identity
+from adapter.mapping.reverse import Resolver, unmap
+from adapter.mapping.run import Summary, run
+from adapter.mapping.sources import RawRecord, extract, read_records
+from adapter.mapping.spec import SpecError, _Reader, load
+from adapter.validation.bundled import bundled_packages
+from adapter.validation.profiles import ProfileValidator
+from bench.api import nhs_numbers
+
+CASES = Path(__file__).resolve().parents[2] / "mappings" / "sp-referral" / "cases"
+SPEC = load("sp-referral")
+VALIDATOR = ProfileValidator(bundled_packages())
+MAPPER = Mapper(SPEC, VALIDATOR)
+HEADER = (
+    "Referral ID,NHS Number,Forename,Surname,DOB,Sex,GP practice ODS code,Referrer,Referrer organisation,"
+    "Referral date,Reasons,Consent"
+)
+ROW = "REF-1,9990000018,Ellis,Carmody,14/03/1958,F,A12345,Dr Hannah Fairweather,A12345,15/01/2024,Loneliness,Y"
+
+
+def _map(text: str | bytes, name: str = "input.csv") -> list[MappedRecord]:
+    data = text.encode() if isinstance(text, str) else text
+    return [MAPPER.map(raw) for raw in read_records(SPEC, io.BytesIO(data), name=name)]
+
+
+def _by_type(record: MappedRecord) -> dict[str, list[dict[str, Any]]]:
+    found: dict[str, list[dict[str, Any]]] = {}
+    for item in record.resources:
+        found.setdefault(item.resource["resourceType"], []).append(item.resource)
+    return found
+
+
+def test_a_referral_row_gives_every_resource_validated_with_deterministic_ids() -> None:
+    [record] = _map(f"{HEADER}\n{ROW}\n")
+    assert record.error is None
+    resources = _by_type(record)
+    assert sorted(resources) == [
+        "Consent",
+        "Organization",
+        "Patient",
+        "Practitioner",
+        "PractitionerRole",
+        "ServiceRequest",
+        "Task",
+    ]
+    patient = resources["Patient"][0]
+    assert patient["id"] == deterministic_id("Patient", identity("https://fhir.nhs.uk/Id/nhs-number", "9990000018"))
+    assert patient["birthDate"] == "1958-03-14" and patient["gender"] == "female"
+    # The practice is also the referrer's organisation: one Organization, not two with one id.
+    assert [org["identifier"][0]["value"] for org in resources["Organization"]] == ["A12345", "X26SP1"]
+    referral = resources["ServiceRequest"][0]
+    assert referral["subject"] == {"reference": f"urn:uuid:{patient['id']}"}
+    assert referral["reasonCode"][0]["coding"][0]["code"] == "loneliness-social-isolation"
+    assert referral["supportingInfo"] == [{"reference": f"urn:uuid:{resources['Consent'][0]['id']}"}]
+    assert resources["Consent"][0]["provision"]["type"] == "permit"
+    for items in resources.values():
+        for resource in items:
+            issues = VALIDATOR.validate(
+                resource, resolve={f"urn:uuid:{r.resource['id']}": r.resource for r in record.resources}.get
+            )
+            assert not [issue for issue in issues if issue.is_error], resource["resourceType"]
+    assert record.defaults == ["nhs_number_status=02", "urgency=Routine", "service_ods=X26SP1"]
+    again = _map(f"{HEADER}\n{ROW}\n")[0]
+    assert [item.resource["id"] for item in again.resources] == [item.resource["id"] for item in record.resources]
+
+
+def test_conditional_creates_use_the_business_identifier_percent_encoded() -> None:
+    [record] = _map(f"{HEADER}\n{ROW}\n")
+    conditions = {item.resource["resourceType"]: item.if_none_exist for item in record.resources}
+    assert conditions["Patient"] == "identifier=https://fhir.nhs.uk/Id/nhs-number|9990000018"
+    assert (
+        conditions["Practitioner"]
+        == "identifier=https://sp-fhir-adapter.org/fhir/Id/referrer|A12345%2FDr%20Hannah%20Fairweather"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        (("9990000018", "9990000019"), "nhs_number", "Modulus 11"),
+        (("14/03/1958", "1958.03.14"), "birth_date", "%d/%m/%Y"),
+        (("Loneliness", "Knitting"), "reasons", "not a known value"),
+        ((",Y", ",perhaps"), "consent_to_share", "yes/no"),
+        (("REF-1,", ","), "referral_id", "required"),
+        ((",A12345,Dr", ",A1 2345,Dr"), "practice_ods", "ODS code"),
+    ],
+)
+def test_a_bad_value_rejects_the_record_naming_the_field(change: tuple[str, str], field: str, words: str) -> None:
+    [record] = _map(f"{HEADER}\n{ROW.replace(*change)}\n")
+    assert record.error is not None and record.resources == []
+    assert record.error.field == field
+    assert record.error.expression == f"record[1].{field}"
+    assert words in record.error.message
+
+
+def test_a_mapped_resource_that_breaks_its_profile_rejects_the_record(tmp_path: Path) -> None:
+    # The practice code is an ODS code the schema accepts; a profile that wants the opposite is
+    # simulated by a validator that refuses every Organization.
+    class Refusing:
+        def validate(self, resource: Any, profiles: Any = ()) -> list[Any]:
+            from adapter.validation.base import Issue
+
+            if resource["resourceType"] == "Organization":
+                return [Issue("error", "invalid", "no organisations today", "Organization.identifier[0].value")]
+            return []
+
+    record = Mapper(SPEC, Refusing()).map(
+        next(read_records(SPEC, io.BytesIO(f"{HEADER}\n{ROW}\n".encode()), name="x.csv"))
+    )
+    assert record.error is not None
+    assert "Organization.identifier[0].value: no organisations today" in record.error.message
+    assert record.error.field == "practice_ods"
+
+
+def test_extra_columns_are_reported_unused_and_header_aliases_are_matched() -> None:
+    [record] = _map(f"{HEADER},Shoe size,Empty\n{ROW},6,\n")
+    assert record.error is None
+    assert record.unused == ["Shoe size"]
+
+
+def test_encodings_bom_and_windows_1252() -> None:
+    text = f"{HEADER}\n{ROW.replace('Ellis', 'Renée')}\n"
+    for data in (text.encode("utf-8-sig"), text.encode("cp1252"), text.encode("utf-8")):
+        [record] = _map(data)
+        assert _by_type(record)["Patient"][0]["name"][0]["given"] == ["Renée"]
+
+
+def test_a_csv_that_is_not_its_declared_encoding_is_one_clear_error() -> None:
+    with pytest.raises(ParseError, match="not valid utf-8"):
+        list(
+            read_records(
+                SPEC, io.BytesIO(f"{HEADER}\n{ROW}\n".encode("cp1252") + b"\xff\xfe"), name="x.csv", encoding="utf-8"
+            )
+        )
+
+
+def test_xml_sources_are_hardened() -> None:
+    bomb = b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaa">]><referrals><referral>&a;</referral></referrals>'
+    with pytest.raises(UnsafeXmlError):
+        list(read_records(SPEC, io.BytesIO(bomb), name="x.xml"))
+    with pytest.raises(ParseError):
+        list(read_records(SPEC, io.BytesIO(b"<referrals><referral>"), name="x.xml"))
+
+
+def test_the_golden_inputs_agree_across_formats() -> None:
+    """The same referral as CSV, XML and JSON gives the same Patient."""
+    patients = []
+    for name in ("xml/input.xml", "json/input.json", "basic/input.csv"):
+        [record] = _map((CASES / name).read_bytes(), name)
+        patients.append(_by_type(record)["Patient"][0])
+    assert patients[0]["id"] == patients[1]["id"] == patients[2]["id"]
+    assert patients[0]["name"] == patients[1]["name"]
+
+
+def test_batches_hold_each_resource_once_and_a_provenance() -> None:
+    rows = [ROW, ROW.replace("REF-1", "REF-2")]  # the same person referred twice
+    summary = Summary("sp-referral", "x.csv")
+    [batch] = list(run(SPEC, io.BytesIO("\n".join([HEADER, *rows]).encode()), VALIDATOR, summary))
+    bundle = batch.bundle(SPEC, "x.csv")
+    types = [entry["resource"]["resourceType"] for entry in bundle["entry"]]
+    assert types.count("Patient") == 1 and types.count("ServiceRequest") == 2
+    assert types[-1] == "Provenance"
+    provenance = bundle["entry"][-1]["resource"]
+    assert len(provenance["target"]) == len(bundle["entry"]) - 1
+    assert bundle["entry"][-1]["request"] == {"method": "PUT", "url": f"Provenance/{provenance['id']}"}
+    patient_entry = bundle["entry"][types.index("Patient")]
+    assert patient_entry["request"]["ifNoneExist"] == "identifier=https://fhir.nhs.uk/Id/nhs-number|9990000018"
+    assert summary.records == summary.mapped == 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"fields": {"a": {"type": "colour"}}, "resources": {}}, "fields.a.type"),
+        ({"fields": {"a": {"type": "date"}}, "resources": {}}, "formats"),
+        (
+            {"fields": {"a": {}}, "resources": {"r": {"type": "Patient", "rules": [{"path": "x", "field": "b"}]}}},
+            "no field 'b'",
+        ),
+        (
+            {
+                "fields": {"a": {}},
+                "resources": {"r": {"type": "Patient", "rules": [{"path": "x", "field": "a", "value": 1}]}},
+            },
+            "exactly one",
+        ),
+        (
+            {"fields": {"a": {}}, "resources": {"r": {"type": "Patient", "rules": [{"path": "x", "reference": "q"}]}}},
+            "no resource 'q'",
+        ),
+        (
+            {"fields": {"a": {}}, "resources": {"r": {"type": "Patient", "rules": [{"path": "x", "helper": "nope"}]}}},
+            "no helper",
+        ),
+        ({"fields": {"a": {}}, "constants": {"a": "x"}, "resources": {"r": {"type": "Patient"}}}, "also a field"),
+        ({"fields": {"a": {}}}, "resources"),
+    ],
+)
+def test_spec_mistakes_are_named_when_the_spec_is_loaded(tmp_path: Path, spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        _Reader(tmp_path / "mapping.yaml", spec).spec()
+
+
+# -- source -> FHIR -> source ------------------------------------------------------------------
+
+_NUMBERS = [number for number, _ in zip(nhs_numbers(), range(200), strict=False)]
+_text = st.text(alphabet="abcdefghijklmnopqrstuvwxyzÀÉÎÕÜßçñ' -", min_size=1, max_size=20).filter(
+    lambda value: value.strip() == value and value.strip() != "" and "  " not in value
+)
+
+
+def _canonical(name: str) -> st.SearchStrategy[str]:
+    return st.sampled_from(SPEC.lookups[name].canonical_sources)
+
+
+@st.composite
+def referral_rows(draw: st.DrawFn) -> dict[str, str]:
+    row = {
+        "referral_id": draw(st.from_regex(r"REF-[0-9]{1,8}", fullmatch=True)),
+        "nhs_number": draw(st.sampled_from(_NUMBERS)),
+        "given_name": " ".join(draw(st.lists(_text.filter(lambda v: " " not in v), min_size=1, max_size=3))),
+        "family_name": draw(_text),
+        "birth_date": draw(st.dates(min_value=date(1900, 1, 1))).strftime("%d/%m/%Y"),
+        "practice_ods": draw(st.from_regex(r"[A-Z][0-9]{5}", fullmatch=True)),
+        "referrer_name": draw(_text),
+        "referrer_ods": draw(st.from_regex(r"[A-Z][0-9]{5}", fullmatch=True)),
+        "referral_date": draw(st.dates(min_value=date(1900, 1, 1))).strftime("%d/%m/%Y"),
+        "reasons": ";".join(draw(st.lists(_canonical("referral-reason"), min_size=1, max_size=3, unique=True))),
+        "consent_to_share": draw(st.sampled_from(["true", "false"])),
+    }
+    optional = {
+        "nhs_number_status": _canonical("nhs-number-status"),
+        "sex": _canonical("gender"),
+        "postcode": st.sampled_from(["ZZ99 3AA", "ZZ99 3AB", "LS1 4HR"]),
+        "practice_name": _text,
+        "referrer_role": _canonical("referrer-role"),
+        "urgency": _canonical("priority"),
+        "notes": _text,
+        "service_ods": st.from_regex(r"X[0-9]{2}[A-Z]{2}[0-9]", fullmatch=True),
+    }
+    for name, strategy in optional.items():
+        if draw(st.booleans()):
+            row[name] = draw(strategy)
+    return row
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(referral_rows())
+def test_every_field_survives_source_to_fhir_to_source(row: dict[str, str]) -> None:
+    record = MAPPER.map(RawRecord(1, row))
+    assert record.error is None, record.error.message
+    [back] = list(unmap(SPEC, Resolver(item.resource for item in record.resources)))
+    assert extract(SPEC, RawRecord(1, back)).values == extract(SPEC, RawRecord(1, row)).values
