@@ -39,6 +39,8 @@ __all__ = ["map_records", "post_batches", "summary_lines"]
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _ATTEMPTS = 5
+#: Unused fields listed in the summary's text (all of them are in --summary-json).
+_SHOWN = 20
 
 
 @contextmanager
@@ -231,9 +233,9 @@ def summary_lines(summary: Summary) -> list[str]:
     if summary.rejected > len(summary.rejections):
         lines.append(f"  ... and {summary.rejected - len(summary.rejections)} more rejected")
     if summary.unused:
-        lines.append(
-            "unused fields: " + ", ".join(f"{name} ({count})" for name, count in sorted(summary.unused.items()))
-        )
+        shown = sorted(summary.unused.items())[:_SHOWN]
+        more = f" ... and {len(summary.unused) - _SHOWN} more" if len(summary.unused) > _SHOWN else ""
+        lines.append("unused fields: " + ", ".join(f"{name} ({count})" for name, count in shown) + more)
     if summary.defaults:
         lines.append(
             "defaults applied: " + ", ".join(f"{name} ({count})" for name, count in sorted(summary.defaults.items()))

@@ -32,6 +32,7 @@ from lxml import etree
 from nhs_number.validate import is_valid as nhs_number_is_valid
 
 from adapter.errors import ParseError, UnsafeXmlError
+from adapter.fhir import json_format
 from adapter.mapping.base import MappingError
 from adapter.mapping.spec import FieldSpec, MappingSpec, SourceFormat
 
@@ -172,17 +173,15 @@ def _ndjson(stream: IO[bytes]) -> Iterator[RawRecord]:
         if not line.strip():
             continue
         try:
-            data = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise ParseError(f"line {number} is not JSON: {exc}", expression=f"record[{number}]") from exc
+            # FHIR JSON rules: decimals kept as written (64.20 stays 64.20), as Decimal.
+            data = json_format.loads(line)
+        except ParseError as exc:
+            raise ParseError(f"line {number}: {exc.message}", expression=f"record[{number}]") from exc
         yield RawRecord(number, data)
 
 
 def _json(spec: MappingSpec, stream: IO[bytes]) -> Iterator[RawRecord]:
-    try:
-        document = orjson.loads(stream.read())
-    except orjson.JSONDecodeError as exc:
-        raise ParseError(f"not JSON: {exc}") from exc
+    document = json_format.loads(stream.read())
     if isinstance(document, dict) and spec.record and isinstance(document.get(spec.record), list):
         document = document[spec.record]
     records = document if isinstance(document, list) else [document]

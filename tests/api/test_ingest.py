@@ -122,3 +122,19 @@ async def test_a_csv_that_names_no_field_is_400(client: httpx.AsyncClient) -> No
     response = await _ingest(client, b"colour,size\nblue,6\n")
     assert response.status_code == 400
     assert "header" in response.json()["issue"][0]["expression"][0]
+
+
+async def test_a_gp_connect_record_is_ingested_as_r4(client: httpx.AsyncClient, store: SQLiteStore) -> None:
+    record = CASES.parent.parent / "gpconnect-structured" / "cases" / "full" / "input.json"
+    response = await client.post(
+        "/fhir/$ingest",
+        params={"mapping": "gpconnect-structured"},
+        content=record.read_bytes(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 200, response.text
+    assert not [issue for issue in response.json()["issue"] if issue["severity"] == "error"]
+    patient_id = deterministic_id("Patient", identity(NHS, "9990000018"))
+    conditions = (await store.search(parse_search("Condition", [("subject", f"Patient/{patient_id}")]))).resources
+    assert len(conditions) == 2
+    assert {c["clinicalStatus"]["coding"][0]["code"] for c in conditions} == {"active", "resolved"}
