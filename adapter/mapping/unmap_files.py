@@ -7,6 +7,7 @@ single resources, NDJSON, JSON or XML, or folders of them (:mod:`adapter.fhir.so
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import os
 from collections.abc import Iterator
@@ -23,12 +24,16 @@ from adapter.mapping.spec import load
 __all__ = ["unmap_files"]
 
 
-def _resources(path: Path) -> Iterator[dict[str, Any]]:
+def _read(path: Path) -> Iterator[dict[str, Any]]:
     for source in iter_sources([str(path)]):
         if source.error is not None or source.resource is None:
             raise InputError(f"{source.label}: {source.error}")
-        resource = source.resource
-        if resource.get("resourceType") == "Bundle":
+        yield source.resource
+
+
+def _resources(path: Path) -> Iterator[dict[str, Any]]:
+    for resource in _read(path):
+        if resource.get("resourceType") == "Bundle" and resource.get("type") != "document":
             for entry in resource.get("entry") or ():
                 if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
                     yield entry["resource"]
@@ -39,16 +44,31 @@ def _resources(path: Path) -> Iterator[dict[str, Any]]:
 def unmap_files(name: str, path: Path, output: str) -> int:
     """Write the records of the resources under ``path`` to ``output``; returns how many."""
     spec = load(name)
+    reverse = spec.raw.get("reverse") or {}
+    columns: list[str]
     if spec.build is not None:
-        raise InputError(f"mapping {name!r} is built by code and has no reverse mapping here", expression="mapping")
-    records = list(unmap(spec, Resolver(_resources(path))))
+        # A mapping built by code reports through its own flatten function (``reverse.flatten``):
+        # over all the resources read, or over each document Bundle.
+        if not reverse.get("flatten"):
+            raise InputError(f"mapping {name!r} has no reverse mapping", expression="mapping")
+        module, _, function = str(reverse["flatten"]).partition(":")
+        imported = importlib.import_module(module)
+        flatten = getattr(imported, function)
+        columns = list(imported.COLUMNS)
+        if reverse.get("input") == "documents":
+            documents = [item for item in _read(path) if item.get("type") == "document"]
+            records: list[dict[str, Any]] = [row for document in documents for row in flatten(document)]
+        else:
+            records = list(flatten(list(_resources(path))))
+    else:
+        records = list(unmap(spec, Resolver(_resources(path))))
+        columns = [field.name for field in spec.fields]
     target = Path(output)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         if output.endswith((".ndjson", ".jsonl")):
             temporary.write_bytes(b"".join(orjson.dumps(record) + b"\n" for record in records))
         else:
-            columns = [field.name for field in spec.fields]
             text = io.StringIO(newline="")
             writer = csv.writer(text)
             writer.writerow(columns)

@@ -65,6 +65,23 @@ def test_map_to_ndjson_and_unmap_back(tmp_path: Path) -> None:
     assert row["reasons"] == "Loneliness or social isolation;Low mood, stress or anxiety"
 
 
+def test_unmap_of_mappings_built_by_code_uses_their_flatten(tmp_path: Path) -> None:
+    gp = ROOT / "mappings" / "gpconnect-structured" / "cases" / "full" / "input.json"
+    assert run("map", "-m", "gpconnect-structured", str(gp), "-o", "gp.json", cwd=tmp_path).returncode == 0
+    assert run("unmap", "-m", "gpconnect-structured", "gp.json", "-o", "gp.csv", cwd=tmp_path).returncode == 0
+    with (tmp_path / "gp.csv").open(encoding="utf-8-sig", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["resource_type"] for row in rows} >= {"Condition", "Observation", "AllergyIntolerance"}
+    assert {row["nhs_number"] for row in rows} == {"9990000018"}
+    case = ROOT / "mappings" / "message-back-to-gp" / "cases" / "closed-case" / "input.json"
+    assert run("map", "-m", "message-back-to-gp", str(case), "-o", "letter.json", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "letter.html").read_text().startswith("<!DOCTYPE html>")
+    assert run("unmap", "-m", "message-back-to-gp", "letter.json", "-o", "out.csv", cwd=tmp_path).returncode == 0
+    with (tmp_path / "out.csv").open(encoding="utf-8-sig", newline="") as handle:
+        wemwbs = [row for row in csv.DictReader(handle) if row["tool"] == "wemwbs"]
+    assert [(row["first_score"], row["last_score"], row["change"]) for row in wemwbs] == [("38", "51", "+13")]
+
+
 def test_map_writes_a_bundle_per_batch_into_a_folder(tmp_path: Path) -> None:
     source = tmp_path / "many.csv"
     with source.open("w", newline="", encoding="utf-8") as handle:
@@ -81,7 +98,7 @@ def test_map_writes_a_bundle_per_batch_into_a_folder(tmp_path: Path) -> None:
         (("map", "-m", "sp-referral", "missing.csv"), "missing.csv"),
         (("map", "x.csv"), "--mapping"),
         (("map", "-m", "sp-referral", "bad.csv"), "names none of the fields"),
-        (("unmap", "-m", "gpconnect-structured", "x.csv", "-o", "y.csv"), "no reverse mapping"),
+        (("unmap", "-m", "sp-referral", "x.csv", "-o", "y.csv"), "x.csv"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(tmp_path: Path, args: tuple[str, ...], words: str) -> None:
