@@ -19,6 +19,8 @@ rendered once: by the API's exception handler as an OperationOutcome, by the CLI
      +-- Conflict                  (409, conflict)    clashes with the store's state or another change
      +-- NotAcceptable             (406, not-supported) no response format the client accepts (API)
      +-- UnsupportedMediaType      (415, not-supported) a request body in a format we do not read (API)
+     +-- MessageRejected           (its own status)   a FHIR message ``$process-message`` did not process:
+                                                      the issues to answer with and the headers to echo (API)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "Gone",
     "InputError",
     "InputTooLargeError",
+    "MessageRejected",
     "NotAcceptable",
     "NotFound",
     "ParseError",
@@ -130,3 +133,27 @@ class NotAcceptable(AdapterError):
 class UnsupportedMediaType(AdapterError):
     issue_code = "not-supported"
     status = 415
+
+
+class MessageRejected(AdapterError):
+    """A FHIR message that ``$process-message`` did not process (https://hl7.org/fhir/R4/messaging.html).
+
+    It carries what the answer needs: the HTTP status, the issues (each with the messaging
+    standard's error code, BaRS ``https://fhir.nhs.uk/CodeSystem/http-error-codes``) and the
+    headers to send along (BaRS echoes ``X-Request-Id`` and ``X-Correlation-Id`` on errors too).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        issues: list[dict[str, Any]],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.issues = issues
+        self.headers = dict(headers or {})
+        if issues and isinstance(issues[0].get("code"), str):
+            self.issue_code = issues[0]["code"]

@@ -36,6 +36,7 @@ from adapter.api.ingest import ingest
 from adapter.api.json_patch import JSON_PATCH
 from adapter.api.negotiation import read_body, render, response_format
 from adapter.api.operations import validate_instance, validate_stored, validate_type
+from adapter.api.process_message import process_message
 from adapter.api.search import get_pages, search_type, search_type_post
 from adapter.errors import InputError, UnsupportedMediaType, VersionConflict
 from adapter.store import HistoryEntry, NotFound, Operation, Resource
@@ -280,6 +281,7 @@ ROUTES: tuple[Route, ...] = (
     # Paging links of a search ([base]?_getpages=...) are part of search-type.
     Route("GET", "", "search-type", "type", get_pages),
     Route("POST", "", "transaction", "system", process_bundle, also=("batch",)),
+    Route("POST", "/$process-message", "$process-message", "system", process_message),
     Route("POST", "/$ingest", "$ingest", "system", ingest),
     Route("GET", "/{type}/_history", "history-type", "type", history_type),
     Route("POST", "/{type}/$validate", "$validate", "type", validate_type),

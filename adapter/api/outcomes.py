@@ -6,7 +6,8 @@ the adapter's one tree (:mod:`adapter.errors`) and are re-exported here.
 :func:`install` registers the exception handlers that render every error of every route as an
 OperationOutcome in the negotiated format: the adapter's own errors (a malformed parameter is an
 InputError, 400; 422 is kept for resources that fail validation, https://hl7.org/fhir/R4/http.html#update),
-Starlette's 404/405 and any unexpected exception (500, with no internal details).
+Starlette's 404/405 and any unexpected exception (500, with no internal details). A
+:class:`~adapter.errors.MessageRejected` (``$process-message``) brings its own issues and headers.
 See https://hl7.org/fhir/R4/operationoutcome.html and https://hl7.org/fhir/R4/http.html#2.21.0.4.
 """
 
@@ -19,7 +20,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from adapter.api.negotiation import error_format, render
-from adapter.errors import AdapterError, NotAcceptable, UnknownResourceType, UnsupportedMediaType, ValidationFailed
+from adapter.errors import (
+    AdapterError,
+    MessageRejected,
+    NotAcceptable,
+    UnknownResourceType,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 
 __all__ = ["NotAcceptable", "UnknownResourceType", "UnsupportedMediaType", "install", "outcome"]
 
@@ -67,6 +75,8 @@ def _respond(
 
 async def _adapter_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AdapterError)
+    if isinstance(exc, MessageRejected):
+        return _respond(request, exc.status, exc.issues, exc.headers)
     issues = exc.issues if isinstance(exc, ValidationFailed) else [exc.issue()]
     return _respond(request, exc.status, issues)
 
