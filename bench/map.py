@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 
 from adapter.api import create_app
 from adapter.mapping.run import Summary, run
@@ -86,11 +87,61 @@ def referrals(numbers: list[str]) -> Iterator[list[str]]:
         ]
 
 
+def case(index: int, number: str) -> dict[str, object]:
+    """A link worker case in the shape of ``mappings/sp-case/cases/full/input.json``."""
+    month = 1 + index % 9
+    return {
+        "case_id": f"CASE-{index:07d}",
+        "nhs_number": number,
+        "referral_id": f"REF-{index:07d}",
+        "link_worker": {"id": f"LW-{index % 50:02d}", "name": f"Link Worker {index % 50}"},
+        "service_ods": "X26SP1",
+        "status": "finished",
+        "start_date": f"2024-{month:02d}-03",
+        "end_date": f"2024-{month + 3:02d}-20",
+        "closure_reason": "Goals achieved",
+        "plan": {"description": "What matters to me: seeing people again.", "status": "Completed"},
+        "contacts": [
+            {"contact_id": f"C{step}", "date": f"2024-{month + step:02d}-10T10:30:00", "mode": mode}
+            for step, mode in ((1, "Face to face"), (2, "Telephone"))
+        ],
+        "goals": [
+            {
+                "goal_id": "G1",
+                "description": "Meet people twice a week.",
+                "importance": 8,
+                "confidence": 5,
+                "status": "Active",
+            }
+        ],
+        "activities": [
+            {"activity_id": "A1", "category": "Physical activity", "provider": "Walking group", "status": "Completed"},
+            {"activity_id": "A2", "category": "Befriending", "provider": "Age UK", "status": "In progress"},
+        ],
+    }
+
+
+def assessments(numbers: list[str]) -> Iterator[list[str]]:
+    """One WEMWBS total per person, in the shape of ``mappings/sp-outcomes/cases/totals/input.csv``."""
+    yield ["assessment_id", "nhs_number", "tool", "date", "total", *(f"item_{n}" for n in range(1, 15)), "comment"]
+    for index, number in enumerate(numbers):
+        yield [f"ASM-{index:07d}", number, "WEMWBS", "17/01/2024", str(14 + index % 57), *([""] * 14), ""]
+
+
 def write_inputs(folder: Path, count: int) -> dict[str, Path]:
     numbers = list(itertools.islice(nhs_numbers(), count))
-    files = {"sp-referral": folder / "referrals.csv"}
+    files = {
+        "sp-referral": folder / "referrals.csv",
+        "sp-case": folder / "cases.ndjson",
+        "sp-outcomes": folder / "assessments.csv",
+    }
     with files["sp-referral"].open("w", encoding="utf-8", newline="") as handle:
         csv.writer(handle).writerows(referrals(numbers))
+    with files["sp-case"].open("wb") as binary:
+        for index, number in enumerate(numbers):
+            binary.write(orjson.dumps(case(index, number)) + b"\n")
+    with files["sp-outcomes"].open("w", encoding="utf-8", newline="") as handle:
+        csv.writer(handle).writerows(assessments(numbers))
     return files
 
 
@@ -163,13 +214,17 @@ async def ingest(files: dict[str, Path], database: Path) -> tuple[int, float, in
 def main(arguments: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=100_000, help="referrals (each with a case and an assessment)")
+    parser.add_argument("--only", choices=["sp-referral", "sp-case", "sp-outcomes"], help="one mapping only")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     options = parser.parse_args(arguments)
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         files = write_inputs(folder, options.records)
+        if options.only:
+            files = {options.only: files[options.only]}
         mapped, map_seconds = map_only(files)
-        peak = peak_memory_of_cli(files["sp-referral"], "sp-referral", folder)
+        first, path = next(iter(files.items()))
+        peak = peak_memory_of_cli(path, first, folder)
         ingested, ingest_seconds, versions = asyncio.run(ingest(files, folder / "bench.db"))
     figures = {
         "records": mapped,

@@ -295,9 +295,12 @@ class Mapper:
                     ids[resource.key] = self._identify(resource, values, record.number)
                 continue
             each[resource.key] = []
+            subfields = [sub.name for sub in spec.field(resource.for_each).fields]
             for item in values.get(resource.for_each) or ():
+                # Every sub-field is in scope, blank ones as None: a blank one is the item's, not
+                # the whole group's values.
                 scope = dict(values)
-                scope.update({f"{resource.for_each}.{name}": value for name, value in item.items()})
+                scope.update({f"{resource.for_each}.{name}": item.get(name) for name in subfields})
                 applies = self._applies(resource.when, scope)
                 each[resource.key].append((scope, self._identify(resource, scope, record.number)) if applies else None)
         # References to a for_each resource: one per group item, None where the item gives none.

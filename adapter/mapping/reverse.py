@@ -3,15 +3,20 @@
 The same spec drives both ways. Each resource of the spec's ``reverse.anchor`` (the referral, the
 case, the assessment) gives one record; the record's other resources are found by following the
 spec's ``reference`` rules from it, both ways (the Patient the referral points at, the Task that
-points at the referral). Every rule that took a ``field`` gives that field back: lookups are
-inverted (to the first source value of the FHIR value), dates written in the field's first
+points at the referral). The resources of a ``for_each`` spec belong to the record when one of its
+resources lists them (``CarePlan.goal[*]``), else when they refer to the anchor (the case's
+Encounters, not the person's others). Every rule that took a ``field`` gives that field back: lookups
+are inverted (to the first source value of the FHIR value), dates written in the field's first
 format, booleans as its first true/false word, repeating values joined with its separator, and
-helpers through their inverse. For every field a mapping covers, source -> FHIR -> source gives
-the same value (``tests/mapping/test_roundtrip.py``).
+helpers through their inverse; extensions are found by their url; a template of a ``for_each``
+resource gives back the group fields it names (``{case_id}/contact/{contacts.contact_id}``). For
+every field a mapping covers, source -> FHIR -> source gives the same value
+(``tests/mapping/test_engine.py``, ``test_sp_case.py``, ``test_sp_outcomes.py``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from decimal import Decimal
@@ -24,6 +29,10 @@ from adapter.mapping.sources import _LONDON
 from adapter.mapping.spec import FieldSpec, MappingSpec, ResourceSpec, RuleSpec, SpecError, Step
 
 __all__ = ["Resolver", "unmap"]
+
+_PLACEHOLDER = re.compile(r"{([A-Za-z_][A-Za-z0-9_.]*)}")
+#: Field types whose source text is what a template writes (a date's is not: it has its format).
+_AS_WRITTEN = ("string", "code", "ods-code", "nhs-number", "integer")
 
 
 class Resolver:
@@ -47,8 +56,24 @@ class Resolver:
         return self.by_reference.get(text) if isinstance(text, str) else None
 
 
-def _get(node: Any, path: tuple[Step, ...]) -> Any:
-    """The value at ``path``; a list (one item per element) where the path has ``[*]``."""
+def _extension_urls(resource: ResourceSpec) -> dict[tuple[Step, ...], str]:
+    """The extensions the rules put, by path and url (``extension[1].url: <url>``). A reverse mapping
+    finds an extension by its url, not its position: an extension left without a value is dropped
+    and the next ones move up (https://hl7.org/fhir/R4/extensibility.html#Extension)."""
+    return {
+        rule.path[:-1]: rule.value
+        for rule in resource.rules
+        if isinstance(rule.value, str)
+        and len(rule.path) >= 2
+        and rule.path[-1].name == "url"
+        and rule.path[-2].name in ("extension", "modifierExtension")
+        and (rule.path[-2].index or 0) >= 0
+    }
+
+
+def _get(node: Any, path: tuple[Step, ...], urls: dict[tuple[Step, ...], str] | None = None) -> Any:
+    """The value at ``path``; a list (one item per element) where the path has ``[*]``. ``urls``
+    (:func:`_extension_urls`) picks extensions by url."""
     for position, step in enumerate(path):
         if not isinstance(node, dict):
             return None
@@ -58,8 +83,18 @@ def _get(node: Any, path: tuple[Step, ...]) -> Any:
         if not isinstance(node, list):
             return None
         if step.index == -1:
-            return [_get(item, path[position + 1 :]) if position + 1 < len(path) else item for item in node]
-        node = node[step.index] if step.index < len(node) else None
+            rest = path[position + 1 :]
+            inner = {
+                key[position + 1 :]: url
+                for key, url in (urls or {}).items()
+                if key[: position + 1] == path[: position + 1]
+            }
+            return [_get(item, rest, inner) if rest else item for item in node]
+        url = (urls or {}).get(path[: position + 1])
+        if url is not None:
+            node = next((item for item in node if isinstance(item, dict) and item.get("url") == url), None)
+        else:
+            node = node[step.index] if step.index < len(node) else None
     return node
 
 
@@ -94,7 +129,11 @@ def _source(spec: MappingSpec, rule: RuleSpec, value: Any) -> Any:
 
 
 def _linked(spec: MappingSpec, anchor: dict[str, Any], key: str, resolver: Resolver) -> dict[str, dict[str, Any]]:
-    """The record's resources by spec key, found from the anchor along the reference rules."""
+    """The record's resources by spec key, found from the anchor along the reference rules: first
+    the resources the record's resources refer to; then, for those none of them refers to, the
+    resources that refer to one of the record's (the Task that points at the referral). A resource
+    the record refers to is never looked for the other way: the person's other assessments point at
+    the same Patient."""
     found = {key: anchor}
     edges = [
         (resource, rule)
@@ -103,6 +142,7 @@ def _linked(spec: MappingSpec, anchor: dict[str, Any], key: str, resolver: Resol
         for rule in resource.rules
         if rule.reference is not None
     ]
+    referred = {rule.reference for _, rule in edges}
     changed = True
     while changed:
         changed = False
@@ -114,7 +154,12 @@ def _linked(spec: MappingSpec, anchor: dict[str, Any], key: str, resolver: Resol
                 if hit is not None:
                     found[target] = hit
                     changed = True
-            elif target in found and resource.key not in found:
+        if changed:
+            continue
+        for resource, rule in edges:
+            target = rule.reference
+            assert target is not None
+            if target in found and resource.key not in found and resource.key not in referred:
                 wanted = {f"urn:uuid:{found[target]['id']}", f"{found[target]['resourceType']}/{found[target]['id']}"}
                 for candidate in resolver.by_type.get(resource.type, ()):
                     reference = _get(candidate, rule.path)
@@ -122,19 +167,35 @@ def _linked(spec: MappingSpec, anchor: dict[str, Any], key: str, resolver: Resol
                         found[resource.key] = candidate
                         changed = True
                         break
+            if changed:
+                break
     return found
 
 
 def _group_items(
-    spec: MappingSpec, resource: ResourceSpec, found: dict[str, dict[str, Any]], resolver: Resolver
+    spec: MappingSpec, resource: ResourceSpec, found: dict[str, dict[str, Any]], resolver: Resolver, anchor: str
 ) -> list[dict[str, Any]]:
-    """The resources of a ``for_each`` resource spec that belong to this record."""
+    """The resources of a ``for_each`` resource spec that belong to this record: those a resource of
+    the record lists (``CarePlan.goal[*]``, in its order); else those that refer to the anchor (the
+    Encounters of this case, not the person's others); else those that refer to any of the record."""
+    items: list[dict[str, Any]] = []
+    listings = [(owner.key, rule) for owner in spec.resources if owner.key in found for rule in owner.rules]
+    listings = [(key, rule) for key, rule in listings if rule.reference == resource.key]
+    for key, rule in listings:
+        references = _get(found[key], rule.path)
+        for reference in references if isinstance(references, list) else [references]:
+            hit = resolver.resolve(reference)
+            if hit is not None and all(hit is not item for item in items):
+                items.append(hit)
+    if listings:
+        return items
     wanted = {f"urn:uuid:{item['id']}" for item in found.values()} | {
         f"{item['resourceType']}/{item['id']}" for item in found.values()
     }
-    items = []
+    rules = [rule for rule in resource.rules if rule.reference is not None]
+    rules = [rule for rule in rules if rule.reference == anchor] or rules
     for candidate in resolver.by_type.get(resource.type, ()):
-        for rule in resource.rules:
+        for rule in rules:
             if rule.reference is not None:
                 reference = _get(candidate, rule.path)
                 if isinstance(reference, dict) and reference.get("reference") in wanted:
@@ -154,14 +215,18 @@ def unmap(spec: MappingSpec, resolver: Resolver) -> Iterator[dict[str, Any]]:
         found = _linked(spec, anchor, anchor_spec.key, resolver)
         record: dict[str, Any] = {}
         for resource in spec.resources:
+            urls = _extension_urls(resource)
             if resource.for_each is not None:
                 group = spec.field(resource.for_each)
                 items = []
-                for instance in _group_items(spec, resource, found, resolver):
+                for instance in _group_items(spec, resource, found, resolver, anchor_spec.key):
                     item: dict[str, Any] = {}
                     for rule in resource.rules:
-                        if rule.field and rule.field.startswith(f"{resource.for_each}."):
-                            _fill(spec, rule, instance, item, rule.field.split(".", 1)[1], group)
+                        name = rule.field or (rule.args[0] if rule.helper and rule.args else None)
+                        if name and name.startswith(f"{resource.for_each}."):
+                            _fill(spec, rule, instance, item, name.split(".", 1)[1], group, urls)
+                        elif rule.template is not None:
+                            _fill_template(spec, rule, instance, record, item, group)
                     if item:
                         items.append(item)
                 if items and resource.for_each not in record:
@@ -172,12 +237,12 @@ def unmap(spec: MappingSpec, resolver: Resolver) -> Iterator[dict[str, Any]]:
                 continue
             for rule in resource.rules:
                 name = rule.field or (rule.args[0] if rule.helper and rule.args else None)
-                if name is None or name in record:
+                if name is None or name in record or name in spec.constants:
                     continue
                 if "." in name:
-                    _fill_group_list(spec, rule, single, record, name)
+                    _fill_group_list(spec, rule, single, record, name, urls)
                 else:
-                    _fill(spec, rule, single, record, name, None)
+                    _fill(spec, rule, single, record, name, None, urls)
         yield record
 
 
@@ -188,11 +253,12 @@ def _fill(
     record: dict[str, Any],
     name: str,
     group: FieldSpec | None,
+    urls: dict[tuple[Step, ...], str] | None = None,
 ) -> None:
     if name in record:
         return
     field = spec.field(f"{group.name}.{name}") if group is not None else spec.field(name)
-    value = _get(instance, rule.path)
+    value = _get(instance, rule.path, urls)
     if isinstance(value, list) and rule.repeats:
         values = [_text(spec, field, _source(spec, rule, item)) for item in value]
         kept = [item for item in values if item is not None]
@@ -204,13 +270,51 @@ def _fill(
         record[name] = text
 
 
+def _fill_template(
+    spec: MappingSpec,
+    rule: RuleSpec,
+    instance: dict[str, Any],
+    record: dict[str, Any],
+    item: dict[str, Any],
+    group: FieldSpec,
+) -> None:
+    """The group's sub-fields a template rule names (``{case_id}/contact/{contacts.contact_id}``), read
+    back from the value it wrote: constants and the record's fields are known, each other name matches."""
+    text = _get(instance, rule.path)
+    if rule.template is None or not isinstance(text, str):
+        return
+    names, pattern = [], ""
+    for index, part in enumerate(_PLACEHOLDER.split(rule.template)):
+        if index % 2 == 0:
+            pattern += re.escape(part)
+        elif part in spec.constants:
+            pattern += re.escape(spec.constants[part])
+        elif "." not in part and isinstance(record.get(part), str) and spec.field(part).type in _AS_WRITTEN:
+            pattern += re.escape(record[part])
+        else:
+            pattern += "(.+?)"
+            names.append(part)
+    found = re.fullmatch(pattern, text, re.DOTALL)
+    if found is None:
+        return
+    for name, value in zip(names, found.groups(), strict=True):
+        head, _, sub = name.partition(".")
+        if head == group.name and sub not in item and spec.field(name).type in _AS_WRITTEN:
+            item[sub] = value
+
+
 def _fill_group_list(
-    spec: MappingSpec, rule: RuleSpec, instance: dict[str, Any], record: dict[str, Any], name: str
+    spec: MappingSpec,
+    rule: RuleSpec,
+    instance: dict[str, Any],
+    record: dict[str, Any],
+    name: str,
+    urls: dict[tuple[Step, ...], str] | None = None,
 ) -> None:
     """A group's sub-field placed with ``[*]`` in a single resource (the activities of a plan)."""
     group_name, sub = name.split(".", 1)
     field = spec.field(name)
-    values = _get(instance, rule.path)
+    values = _get(instance, rule.path, urls)
     if not isinstance(values, list):
         return
     items: list[dict[str, Any]] = record.setdefault(group_name, [])

@@ -138,6 +138,7 @@ class RuleSpec:
     template: str | None = None
     reference: str | None = None
     helper: str | None = None
+    #: The helper's arguments: field names, or names of ``constants``.
     args: tuple[str, ...] = ()
     lookup: str | None = None
     #: The rule applies only when this field has a value (``field=value``: has that value).
@@ -408,7 +409,8 @@ class _Reader:
             lookup=body.get("lookup"),
             when=body.get("when"),
         )
-        for name in ([rule.field] if rule.field else []) + list(rule.args):
+        # A helper's arguments are fields, or constants (a scale's ranges: data, not code).
+        for name in ([rule.field] if rule.field else []) + [arg for arg in rule.args if arg not in spec.constants]:
             try:
                 spec.field(name)
             except KeyError:
@@ -436,7 +438,14 @@ class _Reader:
 
     def check_references(self, spec: MappingSpec) -> None:
         keys = {resource.key for resource in spec.resources}
+        each = {resource.key for resource in spec.resources if resource.for_each is not None}
         for resource in spec.resources:
             for index, rule in enumerate(resource.rules):
                 if rule.reference is not None and rule.reference not in keys:
                     self.fail(f"resources.{resource.key}.rules[{index}].reference", f"no resource {rule.reference!r}")
+                if rule.reference in each and not rule.repeats:
+                    # One reference per item of the group: CarePlan.goal[*] -> the Goal of each goal.
+                    self.fail(
+                        f"resources.{resource.key}.rules[{index}].path",
+                        f"{rule.reference!r} is one resource per item: use [*]",
+                    )
