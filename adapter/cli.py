@@ -585,6 +585,24 @@ def map_command(
         _fail("map needs --mapping NAME and an INPUT (or --list)")
     if output is not None and to_server is not None:
         _fail("give either -o OUTPUT or --to-server URL, not both")
+    if encoding is not None:
+        import codecs
+
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            _fail(f"--encoding {encoding!r} is not an encoding Python knows (e.g. utf-8, cp1252)")
+    if delimiter is not None and len(delimiter) != 1:
+        _fail(f"--delimiter must be one character, not {delimiter!r}")
+    if to_server is not None:
+        import httpx
+
+        try:
+            url = httpx.URL(to_server)
+        except httpx.InvalidURL as exc:
+            _fail(f"--to-server {to_server!r} is not a URL: {exc}")
+        if url.scheme not in ("http", "https"):
+            _fail(f"--to-server {to_server!r} is not an http(s) URL")
     from adapter.mapping.commands import map_records, summary_lines
 
     counter = (

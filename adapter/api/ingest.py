@@ -30,7 +30,7 @@ from adapter.mapping.base import MappedResource
 from adapter.mapping.engine import MappedRecord, references_to_ids
 from adapter.mapping.run import Rejection, Summary, provenance, run
 from adapter.mapping.spec import MappingSpec, SourceFormat, load
-from adapter.store import Operation, ResourceStore
+from adapter.store import Operation, OperationResult, ResourceStore
 
 __all__ = ["ingest"]
 
@@ -69,12 +69,13 @@ def _map(
     return records
 
 
-async def _store(store: ResourceStore, record: MappedRecord) -> tuple[MappedRecord, AdapterError | None, int]:
+async def _store(
+    store: ResourceStore, record: MappedRecord
+) -> tuple[MappedRecord, AdapterError | None, list[OperationResult]]:
     try:
-        results = await store.transaction(_operations(record))
+        return record, None, await store.transaction(_operations(record))
     except AdapterError as exc:
-        return record, exc, 0
-    return record, None, sum(1 for result in results if result.created and not result.matched)
+        return record, exc, []
 
 
 def _outcome(summary: Summary, created: int, stored: int) -> dict[str, Any]:
@@ -139,11 +140,13 @@ async def ingest(request: Request) -> Response:
     mapped = [record for record in records if record.error is None and record.resources]
     for start in range(0, len(mapped), _WINDOW):
         window = mapped[start : start + _WINDOW]
-        for record, error, count in await asyncio.gather(*(_store(found.store, record) for record in window)):
+        for record, error, results in await asyncio.gather(*(_store(found.store, record) for record in window)):
             if error is None:
-                created += count
+                created += sum(1 for result in results if result.created and not result.matched)
                 stored_records += 1
-                stored.extend(record.resources)
+                # What was stored, under the id it has: a conditional create that matched a
+                # resource stored before keeps that resource's id.
+                stored.extend(MappedResource({"resourceType": result.type, "id": result.id}) for result in results)
                 continue
             summary.mapped -= 1
             summary.rejected += 1

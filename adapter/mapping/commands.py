@@ -30,6 +30,7 @@ import orjson
 
 from adapter.errors import AdapterError, InputError
 from adapter.fhir.json_format import dumps
+from adapter.mapping.base import MappedResource
 from adapter.mapping.engine import references_to_ids, transaction_entry
 from adapter.mapping.run import Batch, Rejection, Summary, provenance, run
 from adapter.mapping.spec import MappingSpec, SourceFormat, load
@@ -72,7 +73,8 @@ def _bundle_stream(handle: IO[bytes], batches: Iterator[Batch], spec: MappingSpe
             if item.resource["id"] in seen:
                 continue
             seen.add(item.resource["id"])
-            kept.append(item)
+            # Only the type and id stay in memory, for the Provenance that closes the Bundle.
+            kept.append(MappedResource({"resourceType": item.resource["resourceType"], "id": item.resource["id"]}))
             handle.write((b"" if first else b",") + dumps(transaction_entry(item)))
             first = False
     if kept:

@@ -212,6 +212,11 @@ def unmap(spec: MappingSpec, resolver: Resolver) -> Iterator[dict[str, Any]]:
         raise SpecError(f"mapping {spec.name!r} has no reverse.anchor naming one of its resources")
     anchor_spec = anchors[0]
     for anchor in resolver.by_type.get(anchor_spec.type, ()):
+        # Only resources of the anchor's profile are records of this mapping (a GP Connect
+        # ServiceRequest in the same Bundle is not a social prescribing referral).
+        declared = (anchor.get("meta") or {}).get("profile") or []
+        if anchor_spec.profile and anchor_spec.profile not in declared:
+            continue
         found = _linked(spec, anchor, anchor_spec.key, resolver)
         record: dict[str, Any] = {}
         for resource in spec.resources:

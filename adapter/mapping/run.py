@@ -116,7 +116,9 @@ def provenance(
     """The Provenance of a mapping run for ``resources``: which mapping made them from which source.
 
     Its id is a uuid5 of the mapping and of the resources' ids, so mapping the same data again
-    gives the same Provenance, written by id (``PUT``): a re-run adds no new Provenance.
+    gives the same Provenance, written by id (``PUT``): a re-run adds no new Provenance, but a new
+    version of it, whose ``recorded`` says when the batch was sent again. (``$ingest`` creates it
+    only when absent.)
     """
     ids = hashlib.sha256()
     targets = []

@@ -58,6 +58,8 @@ class RawRecord:
     data: Any
     #: Source fields (CSV columns) the spec does not declare and that hold a value.
     extra: list[str] = field(default_factory=list)
+    #: Why the record cannot be taken as read (a CSV row with the wrong number of cells).
+    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -116,7 +118,8 @@ def read_records(
     name: str = "-",
 ) -> Iterator[RawRecord]:
     """The records of ``stream`` (a binary file), one at a time."""
-    buffered = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(cast(io.RawIOBase, stream))
+    # A buffer the size of the sample, so that peek() sees all of it (a file's own buffer is 4-8 KiB).
+    buffered = io.BufferedReader(cast(io.RawIOBase, stream), buffer_size=_SAMPLE)
     sample = buffered.peek(_SAMPLE)[:_SAMPLE]
     fmt = format or detect_format(name, sample)
     if fmt == "csv":
@@ -150,18 +153,29 @@ def _csv(spec: MappingSpec, stream: IO[bytes], encoding: str, delimiter: str) ->
         for number, row in enumerate(reader, start=1):
             if not any(cell.strip() for cell in row):
                 continue
+            if len(row) != len(header):
+                # An unquoted delimiter in a value shifts every later cell: refuse the row rather
+                # than map the wrong cells (RFC 4180 section 2: each line has the same fields).
+                message = f"the row has {len(row)} cells and the header {len(header)} (an unquoted {delimiter!r}?)"
+                yield RawRecord(number, None, error=message)
+                continue
             data: dict[str, str] = {}
             extra = []
+            clash = None
             for index, cell in enumerate(row):
-                target = columns[index] if index < len(columns) else None
+                target = columns[index]
                 if target is None:
                     if cell.strip():
-                        extra.append(header[index] if index < len(header) else f"column {index + 1}")
-                elif cell.strip() and not data.get(target):
-                    data[target] = cell
-            yield RawRecord(number, data, extra)
+                        extra.append(header[index])
+                elif cell.strip():
+                    if data.get(target, cell).strip() != cell.strip():
+                        clash = f"two columns give {target}: {data[target]!r} and {cell!r}"
+                    data.setdefault(target, cell)
+            yield RawRecord(number, data, extra, clash)
     except UnicodeDecodeError as exc:
         raise ParseError(f"the CSV is not valid {encoding} (pass --encoding): {exc.reason}") from exc
+    except csv.Error as exc:
+        raise ParseError(f"the CSV cannot be read: {exc}") from exc
     finally:
         # Leave the caller's stream open (it closes it); it may be closed already.
         with contextlib.suppress(ValueError):
@@ -190,17 +204,31 @@ def _json(spec: MappingSpec, stream: IO[bytes]) -> Iterator[RawRecord]:
 
 
 def _xml(spec: MappingSpec, stream: IO[bytes], sample: bytes) -> Iterator[RawRecord]:
-    # Hardened as the FHIR XML codec is: a document type declaration is refused outright, and the
-    # parser resolves no entities and fetches nothing (https://cwe.mitre.org/data/definitions/776.html).
-    if b"<!DOCTYPE" in sample.upper() or b"<!ENTITY" in sample.upper():
-        raise UnsafeXmlError("the XML has a document type declaration; DTDs and entities are not accepted")
-    tag = (spec.record or "record").lstrip("/")
+    # Hardened as the FHIR XML codec is: a document type declaration is refused outright (checked
+    # on the parsed document, whatever its encoding), and the parser resolves no entities and
+    # fetches nothing (https://cwe.mitre.org/data/definitions/776.html). Records match by local
+    # name, so a namespaced export is read too.
+    tag = "{*}" + (spec.record or "record").lstrip("/")
     events = etree.iterparse(
-        stream, events=("end",), tag=tag, resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False
+        stream,
+        events=("start", "end"),
+        tag=tag,
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        huge_tree=False,
     )
     number = 0
+    checked = False
     try:
-        for _, element in events:
+        for event, element in events:
+            if not checked:
+                checked = True
+                docinfo = element.getroottree().docinfo
+                if docinfo.doctype or docinfo.internalDTD is not None:
+                    raise UnsafeXmlError("the XML has a document type declaration; DTDs and entities are not accepted")
+            if event == "start":
+                continue
             number += 1
             yield RawRecord(number, element)
             element.clear()
@@ -231,7 +259,11 @@ def _json_values(data: dict[str, Any], spec_field: FieldSpec) -> list[Any]:
 
 
 def _xml_values(element: Any, spec_field: FieldSpec) -> list[Any]:
-    nodes = element.xpath(spec_field.path or spec_field.name)
+    if spec_field.path:
+        nodes = element.xpath(spec_field.path)
+    else:
+        # A child element named like the field, in any namespace.
+        nodes = element.xpath("*[local-name() = $name]", name=spec_field.name)
     values: list[Any] = []
     for node in nodes if isinstance(nodes, list) else [nodes]:
         if spec_field.type == "group":
@@ -246,7 +278,12 @@ def _xml_values(element: Any, spec_field: FieldSpec) -> list[Any]:
 def _raw_values(data: Any, spec_field: FieldSpec) -> list[Any]:
     if data is None:
         return []
-    values = _json_values(data, spec_field) if isinstance(data, dict) else _xml_values(data, spec_field)
+    if isinstance(data, dict):
+        values = _json_values(data, spec_field)
+    elif isinstance(data, etree._Element):
+        values = _xml_values(data, spec_field)
+    else:
+        raise MappingError(f"expected an object with fields, found {type(data).__name__}")
     if spec_field.repeats and spec_field.type != "group":
         # "Loneliness;Low mood" in one CSV cell or XML element is two values.
         return [part for value in values for part in str(value).split(spec_field.separator) if part.strip()]
@@ -358,6 +395,10 @@ def _field_values(
 
 def extract(spec: MappingSpec, raw: RawRecord) -> Record:
     """``raw`` checked against the spec's fields, typed; :class:`MappingError` on the first fault."""
+    if raw.error is not None:
+        raise MappingError(raw.error, record=raw.number)
+    if not isinstance(raw.data, dict | etree._Element):
+        raise MappingError(f"the record is not an object with fields but {type(raw.data).__name__}", record=raw.number)
     values: dict[str, Any] = {}
     defaults: list[str] = []
     for spec_field in spec.fields:
@@ -372,4 +413,15 @@ def extract(spec: MappingSpec, raw: RawRecord) -> Record:
             for part in ((spec_field.path or spec_field.name).split(".")[0], *spec_field.aliases)
         }
         unused = [key for key, value in raw.data.items() if key not in declared and value not in (None, "", [], {})]
+    elif isinstance(raw.data, etree._Element):
+        declared = {spec_field.path or spec_field.name for spec_field in spec.fields}
+        unused = list(
+            dict.fromkeys(
+                etree.QName(child).localname
+                for child in raw.data
+                if isinstance(child.tag, str)
+                and etree.QName(child).localname not in declared
+                and "".join(child.itertext()).strip()
+            )
+        )
     return Record(raw.number, values, unused, defaults)

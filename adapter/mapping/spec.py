@@ -277,6 +277,8 @@ class _Reader:
         for name in constants:
             if any(name == spec_field.name for spec_field in fields):
                 self.fail(f"constants.{name}", "is also a field name; a template could not tell them apart")
+        if raw.get("output", "transaction") not in ("transaction", "document"):
+            self.fail("output", f"{raw.get('output')!r} is not transaction or document")
         resources = tuple(self.resource(spec, key, body) for key, body in (raw.get("resources") or {}).items())
         if build is None and not resources:
             self.fail("", "a spec needs resources (rules) or a build function")
@@ -319,6 +321,8 @@ class _Reader:
         sub = tuple(
             self.field(f"{where}.fields.{key}", key, value) for key, value in (body.get("fields") or {}).items()
         )
+        if body.get("case") not in (None, "upper", "lower"):
+            self.fail(f"{where}.case", f"{body.get('case')!r} is not upper or lower")
         if kind == "group" and not sub:
             self.fail(f"{where}.fields", "a group needs fields")
         default = body.get("default")
@@ -367,8 +371,12 @@ class _Reader:
                 self.fail(f"{where}.for_each", f"{for_each!r} is not a group field")
         rules = tuple(self.rule(spec, f"{where}.rules[{i}]", rule) for i, rule in enumerate(body.get("rules") or ()))
         identity = body.get("identity")
-        if identity is not None:
-            self.check_template(spec, f"{where}.identity", identity)
+        if identity is None:
+            self.fail(f"{where}.identity", "a resource needs an identity (system|{field}): its id and If-None-Exist")
+        self.check_template(spec, f"{where}.identity", identity)
+        self.check_when(spec, f"{where}.when", body.get("when"))
+        for index, rule in enumerate(rules):
+            self.check_when(spec, f"{where}.rules[{index}].when", rule.when)
         return ResourceSpec(key, body["type"], body.get("profile"), identity, rules, body.get("when"), for_each)
 
     def rule(self, spec: MappingSpec, where: str, body: Any) -> RuleSpec:
@@ -427,6 +435,15 @@ class _Reader:
             if rule.helper not in HELPERS:
                 self.fail(f"{where}.helper", f"no helper {rule.helper!r} (known: {', '.join(sorted(HELPERS))})")
         return rule
+
+    def check_when(self, spec: MappingSpec, where: str, when: str | None) -> None:
+        """``when`` names a field (``field`` or ``field=value``): a typo would silently never apply."""
+        if when is None:
+            return
+        try:
+            spec.field(when.partition("=")[0])
+        except KeyError:
+            self.fail(where, f"{when.partition('=')[0]!r} is not a field")
 
     def check_template(self, spec: MappingSpec, where: str, template: str) -> None:
         for name in _TEMPLATE_NAME.findall(template):

@@ -138,3 +138,21 @@ async def test_a_gp_connect_record_is_ingested_as_r4(client: httpx.AsyncClient, 
     conditions = (await store.search(parse_search("Condition", [("subject", f"Patient/{patient_id}")]))).resources
     assert len(conditions) == 2
     assert {c["clinicalStatus"]["coding"][0]["code"] for c in conditions} == {"active", "resolved"}
+
+
+async def test_the_provenance_targets_what_was_stored_even_when_it_matched(
+    client: httpx.AsyncClient, store: SQLiteStore
+) -> None:
+    created = await client.post(
+        "/fhir/Patient",
+        json=patient(identifier=[{"system": NHS, "value": "9990000018"}]),
+        headers={"Content-Type": FHIR_JSON},
+    )
+    existing = created.json()["id"]
+    await _ingest(client, (CASES / "basic" / "input.csv").read_bytes())
+    [provenance] = (await store.search(parse_search("Provenance", []))).resources
+    targets = {target["reference"] for target in provenance["target"]}
+    assert f"Patient/{existing}" in targets
+    for reference in targets:
+        type, id = reference.split("/")
+        await store.read(type, id)  # every target exists

@@ -99,6 +99,9 @@ def test_map_writes_a_bundle_per_batch_into_a_folder(tmp_path: Path) -> None:
         (("map", "x.csv"), "--mapping"),
         (("map", "-m", "sp-referral", "bad.csv"), "names none of the fields"),
         (("unmap", "-m", "sp-referral", "x.csv", "-o", "y.csv"), "x.csv"),
+        (("map", "-m", "sp-referral", "x.csv", "--encoding", "latin-9x"), "--encoding"),
+        (("map", "-m", "sp-referral", "x.csv", "--delimiter", ";;"), "--delimiter"),
+        (("map", "-m", "sp-referral", "x.csv", "--to-server", "http://[::1"), "--to-server"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(tmp_path: Path, args: tuple[str, ...], words: str) -> None:
@@ -144,7 +147,8 @@ def test_a_run_killed_half_way_and_run_again_stores_every_record_once(tmp_path: 
         assert _count(base, "ServiceRequest") == records
         assert _count(base, "Patient") == records
         # Nothing was written twice: every referral and patient has one version only.
-        history = httpx.get(f"{base}/ServiceRequest/_history", params={"_count": "5000"}, timeout=30).json()
-        assert history["total"] == records
+        for type in ("ServiceRequest", "Patient", "Task", "Consent"):
+            history = httpx.get(f"{base}/{type}/_history", params={"_count": "5000"}, timeout=30).json()
+            assert history["total"] == records, type
     finally:
         stop(server)

@@ -189,26 +189,55 @@ def test_batches_hold_each_resource_once_and_a_provenance() -> None:
         ({"fields": {"a": {"type": "colour"}}, "resources": {}}, "fields.a.type"),
         ({"fields": {"a": {"type": "date"}}, "resources": {}}, "formats"),
         (
-            {"fields": {"a": {}}, "resources": {"r": {"type": "Patient", "rules": [{"path": "x", "field": "b"}]}}},
+            {
+                "fields": {"a": {}},
+                "resources": {"r": {"type": "Patient", "identity": "s|{a}", "rules": [{"path": "x", "field": "b"}]}},
+            },
             "no field 'b'",
         ),
         (
             {
                 "fields": {"a": {}},
-                "resources": {"r": {"type": "Patient", "rules": [{"path": "x", "field": "a", "value": 1}]}},
+                "resources": {
+                    "r": {"type": "Patient", "identity": "s|{a}", "rules": [{"path": "x", "field": "a", "value": 1}]}
+                },
             },
             "exactly one",
         ),
         (
-            {"fields": {"a": {}}, "resources": {"r": {"type": "Patient", "rules": [{"path": "x", "reference": "q"}]}}},
+            {
+                "fields": {"a": {}},
+                "resources": {
+                    "r": {"type": "Patient", "identity": "s|{a}", "rules": [{"path": "x", "reference": "q"}]}
+                },
+            },
             "no resource 'q'",
         ),
         (
-            {"fields": {"a": {}}, "resources": {"r": {"type": "Patient", "rules": [{"path": "x", "helper": "nope"}]}}},
+            {
+                "fields": {"a": {}},
+                "resources": {
+                    "r": {"type": "Patient", "identity": "s|{a}", "rules": [{"path": "x", "helper": "nope"}]}
+                },
+            },
             "no helper",
         ),
-        ({"fields": {"a": {}}, "constants": {"a": "x"}, "resources": {"r": {"type": "Patient"}}}, "also a field"),
+        (
+            {
+                "fields": {"a": {}},
+                "constants": {"a": "x"},
+                "resources": {"r": {"type": "Patient", "identity": "s|{a}"}},
+            },
+            "also a field",
+        ),
         ({"fields": {"a": {}}}, "resources"),
+        ({"fields": {"a": {}}, "resources": {"r": {"type": "Patient"}}}, "needs an identity"),
+        (
+            {"fields": {"a": {}}, "resources": {"r": {"type": "Patient", "identity": "s|{a}", "when": "b"}}},
+            "'b' is not",
+        ),
+        ({"fields": {"a": {"case": "uppper"}}, "resources": {}}, "not upper or lower"),
+        ({"fields": {"a": {}}, "output": "documents", "resources": {}}, "output"),
     ],
 )
 def test_spec_mistakes_are_named_when_the_spec_is_loaded(tmp_path: Path, spec: dict[str, Any], message: str) -> None:
@@ -266,3 +295,53 @@ def test_every_field_survives_source_to_fhir_to_source(row: dict[str, str]) -> N
     assert record.error is None, record.error.message
     [back] = list(unmap(SPEC, Resolver(item.resource for item in record.resources)))
     assert extract(SPEC, RawRecord(1, back)).values == extract(SPEC, RawRecord(1, row)).values
+
+
+# -- regression fixtures from the review of the engine (#5) ---------------------------------------
+
+
+def test_the_encoding_is_decided_on_64_kib_not_on_the_first_buffer() -> None:
+    # A UTF-8 file without a byte order mark whose first non-ASCII character is past 8 KiB.
+    rows = [ROW.replace("REF-1", f"REF-{n}") for n in range(120)]
+    text = "\n".join([HEADER, *rows, ROW.replace("Ellis", "Zoë").replace("REF-1", "REF-Z")]) + "\n"
+    assert text.encode().index("ë".encode()) > 8192
+    records = _map(text.encode())
+    assert _by_type(records[-1])["Patient"][0]["name"][0]["given"] == ["Zoë"]
+
+
+def test_a_row_with_more_cells_than_the_header_is_rejected_not_shifted() -> None:
+    [record] = _map(f"{HEADER},Notes\n{ROW},Recently widowed, lives alone\n")
+    assert record.error is not None and record.resources == []
+    assert "the row has 14 cells and the header 13" in record.error.message
+
+
+def test_two_columns_giving_one_field_different_values_are_rejected() -> None:
+    [record] = _map(f"{HEADER},NHS No\n{ROW},9990000026\n")
+    assert record.error is not None and "two columns give nhs_number" in record.error.message
+    [same] = _map(f"{HEADER},NHS No\n{ROW},9990000018\n")
+    assert same.error is None
+
+
+def test_xml_doctypes_are_refused_in_any_encoding_and_anywhere() -> None:
+    doctype = '<!DOCTYPE r [<!ENTITY fam "Smith">]><referrals><referral><family_name>&fam;</family_name></referral></referrals>'
+    late = "<?xml version='1.0'?><!--" + "x" * 5000 + "-->" + doctype
+    utf16 = ("<?xml version='1.0' encoding='UTF-16'?>" + doctype).encode("utf-16")
+    for data in (late.encode(), utf16):
+        with pytest.raises(UnsafeXmlError):
+            list(read_records(SPEC, io.BytesIO(data), name="x.xml"))
+
+
+def test_namespaced_xml_is_read_and_unknown_elements_are_reported() -> None:
+    xml = (CASES / "xml" / "input.xml").read_text()
+    xml = xml.replace("<referrals>", '<referrals xmlns="urn:example:sp">').replace(
+        "<notes>", "<colour>blue</colour><notes>"
+    )
+    [record] = _map(xml.encode(), "x.xml")
+    assert record.error is None
+    assert record.unused == ["colour"]
+
+
+def test_records_that_are_not_objects_are_rejected_not_crashed() -> None:
+    records = _map(b'[1, 2]\n{"referral_id": "x"}\n', "x.ndjson")
+    assert [record.error is not None for record in records] == [True, True]
+    assert "not an object" in (records[0].error.message if records[0].error else "")
