@@ -184,6 +184,17 @@ def _chunks(path: Path, size: int) -> Iterator[bytes]:
             yield header + b"".join(lines)
 
 
+def _head(path: Path, count: int) -> Path:
+    """A copy of ``path`` with its first ``count`` records."""
+    target = path.with_name(f"head-{path.name}")
+    with path.open("rb") as source, target.open("wb") as out:
+        for number, line in enumerate(source):
+            if number >= count + (1 if path.suffix == ".csv" else 0):
+                break
+            out.write(line)
+    return target
+
+
 async def ingest(files: dict[str, Path], database: Path) -> tuple[int, float, int]:
     store = SQLiteStore(str(database))
     app = create_app(store, max_body_bytes=200_000_000)
@@ -214,6 +225,9 @@ async def ingest(files: dict[str, Path], database: Path) -> tuple[int, float, in
 def main(arguments: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=100_000, help="referrals (each with a case and an assessment)")
+    parser.add_argument(
+        "--ingest-records", type=int, help="ingest only the first N records of each file (default: all)"
+    )
     parser.add_argument("--only", choices=["sp-referral", "sp-case", "sp-outcomes"], help="one mapping only")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     options = parser.parse_args(arguments)
@@ -225,9 +239,12 @@ def main(arguments: list[str]) -> int:
         mapped, map_seconds = map_only(files)
         first, path = next(iter(files.items()))
         peak = peak_memory_of_cli(path, first, folder)
+        if options.ingest_records:
+            files = {name: _head(path, options.ingest_records) for name, path in files.items()}
         ingested, ingest_seconds, versions = asyncio.run(ingest(files, folder / "bench.db"))
     figures = {
         "records": mapped,
+        "ingested_records": ingested,
         "map_validate_records_per_s": round(mapped / map_seconds),
         "cli_peak_rss_mb": round(peak, 1),
         "ingest_records_per_s": round(ingested / ingest_seconds),

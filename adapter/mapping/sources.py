@@ -421,7 +421,7 @@ def extract(spec: MappingSpec, raw: RawRecord) -> Record:
                 for child in raw.data
                 if isinstance(child.tag, str)
                 and etree.QName(child).localname not in declared
-                and "".join(child.itertext()).strip()
+                and "".join(str(text) for text in child.itertext()).strip()
             )
         )
     return Record(raw.number, values, unused, defaults)

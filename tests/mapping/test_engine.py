@@ -323,7 +323,10 @@ def test_two_columns_giving_one_field_different_values_are_rejected() -> None:
 
 
 def test_xml_doctypes_are_refused_in_any_encoding_and_anywhere() -> None:
-    doctype = '<!DOCTYPE r [<!ENTITY fam "Smith">]><referrals><referral><family_name>&fam;</family_name></referral></referrals>'
+    doctype = (
+        '<!DOCTYPE r [<!ENTITY fam "Smith">]>'
+        "<referrals><referral><family_name>&fam;</family_name></referral></referrals>"
+    )
     late = "<?xml version='1.0'?><!--" + "x" * 5000 + "-->" + doctype
     utf16 = ("<?xml version='1.0' encoding='UTF-16'?>" + doctype).encode("utf-16")
     for data in (late.encode(), utf16):
