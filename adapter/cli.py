@@ -555,6 +555,9 @@ def map_command(
         str | None, typer.Option("--to-server", help="FHIR base URL: POST each batch there as a transaction.")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Records per transaction Bundle.")] = 100,
+    processes: Annotated[
+        int, typer.Option("--processes", "-j", min=1, help="Worker processes that map records side by side.")
+    ] = 1,
     source_format: Annotated[
         SourceKind | None, typer.Option("--format", help="Source format (default: from the file name or content).")
     ] = None,
@@ -625,6 +628,7 @@ def map_command(
                 encoding=encoding,
                 delimiter=delimiter,
                 on_record=counter.step if counter else None,
+                processes=processes,
             )
     except AdapterError as exc:
         _fail(f"{input}: {exc.message}")

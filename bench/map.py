@@ -145,14 +145,14 @@ def write_inputs(folder: Path, count: int) -> dict[str, Path]:
     return files
 
 
-def map_only(files: dict[str, Path]) -> tuple[int, float]:
+def map_only(files: dict[str, Path], processes: int = 1) -> tuple[int, float]:
     validator = ProfileValidator(bundled_packages())
     records = 0
     started = time.perf_counter()
     for name, path in files.items():
         summary = Summary(name, path.name)
         with path.open("rb") as handle:
-            for _ in run(load(name), handle, validator, summary, batch_size=500):
+            for _ in run(load(name), handle, validator, summary, batch_size=500, processes=processes):
                 pass
         assert summary.rejected == 0, summary.rejections[:3]
         records += summary.records
@@ -228,6 +228,7 @@ def main(arguments: list[str]) -> int:
     parser.add_argument(
         "--ingest-records", type=int, help="ingest only the first N records of each file (default: all)"
     )
+    parser.add_argument("--processes", type=int, default=1, help="worker processes for the mapping figure")
     parser.add_argument("--only", choices=["sp-referral", "sp-case", "sp-outcomes"], help="one mapping only")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     options = parser.parse_args(arguments)
@@ -236,7 +237,7 @@ def main(arguments: list[str]) -> int:
         files = write_inputs(folder, options.records)
         if options.only:
             files = {options.only: files[options.only]}
-        mapped, map_seconds = map_only(files)
+        mapped, map_seconds = map_only(files, options.processes)
         first, path = next(iter(files.items()))
         peak = peak_memory_of_cli(path, first, folder)
         if options.ingest_records:
@@ -246,6 +247,7 @@ def main(arguments: list[str]) -> int:
         "records": mapped,
         "ingested_records": ingested,
         "map_validate_records_per_s": round(mapped / map_seconds),
+        "map_processes": options.processes,
         "cli_peak_rss_mb": round(peak, 1),
         "ingest_records_per_s": round(ingested / ingest_seconds),
         "resources_stored": versions,

@@ -123,6 +123,7 @@ def map_records(
     delimiter: str | None = None,
     on_record: Callable[[], None] | None = None,
     validator: Validator | None = None,
+    processes: int = 1,
 ) -> Summary:
     """Map ``stream`` with mapping ``name``; write or send the result; return the summary."""
     spec = load(name)
@@ -137,6 +138,7 @@ def map_records(
         encoding=encoding,
         delimiter=delimiter,
         on_record=on_record,
+        processes=processes,
     )
     if spec.output == "document":
         _documents(spec, batches, output)

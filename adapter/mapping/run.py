@@ -12,19 +12,25 @@ unused source fields and defaults applied.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import multiprocessing
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from importlib import metadata
 from typing import IO, Any
 
+from lxml import etree
+
+from adapter.errors import InputError
 from adapter.mapping.base import MappedResource
 from adapter.mapping.engine import MappedRecord, Mapper, transaction_entry
 from adapter.mapping.ids import NAMESPACE
-from adapter.mapping.sources import read_records
+from adapter.mapping.sources import RawRecord, read_records
 from adapter.mapping.spec import MappingSpec, SourceFormat
 from adapter.validation import Validator
 
@@ -160,6 +166,56 @@ def provenance(
     return MappedResource(resource)
 
 
+#: Records sent to a worker process at a time, and chunks in flight per process.
+_CHUNK = 200
+_IN_FLIGHT = 3
+#: The mapper of a worker process (one per process, made by :func:`_start_worker`).
+_worker: Mapper | None = None
+
+
+def _start_worker(name: str) -> None:
+    global _worker
+    from adapter.mapping.spec import load
+    from adapter.validation.bundled import bundled_packages
+    from adapter.validation.profiles import ProfileValidator
+
+    _worker = Mapper(load(name), ProfileValidator(bundled_packages()))
+
+
+def _map_chunk(raws: list[RawRecord]) -> list[MappedRecord]:
+    assert _worker is not None
+    return [_worker.map(raw) for raw in raws]
+
+
+def _chunks(raws: Iterator[RawRecord]) -> Iterator[list[RawRecord]]:
+    while chunk := list(itertools.islice(raws, _CHUNK)):
+        yield chunk
+
+
+def _mapped(
+    spec: MappingSpec, raws: Iterator[RawRecord], validator: Validator, processes: int
+) -> Iterator[MappedRecord]:
+    """The mapped records, in source order: in this process, or spread over ``processes`` worker
+    processes (each with its own mapper and validator) that map chunks of records side by side."""
+    if processes <= 1:
+        mapper = Mapper(spec, validator)
+        for raw in raws:
+            yield mapper.map(raw)
+        return
+    # forkserver: workers start from a clean interpreter, whatever threads this process runs.
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker, initargs=(spec.name,)) as pool:
+        pending: deque[Future[list[MappedRecord]]] = deque()
+        for chunk in _chunks(raws):
+            if chunk and isinstance(chunk[0].data, etree._Element):
+                raise InputError("XML sources are mapped in one process (use --processes 1)", expression="processes")
+            pending.append(pool.submit(_map_chunk, chunk))
+            if len(pending) >= processes * _IN_FLIGHT:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
 def run(
     spec: MappingSpec,
     stream: IO[bytes],
@@ -171,10 +227,11 @@ def run(
     encoding: str | None = None,
     delimiter: str | None = None,
     on_record: Callable[[], None] | None = None,
+    processes: int = 1,
 ) -> Iterator[Batch]:
     """Map ``stream`` record by record; yield a :class:`Batch` for every ``batch_size`` records
-    (and the rest). ``summary`` is updated as records go."""
-    mapper = Mapper(spec, validator)
+    (and the rest). ``summary`` is updated as records go. ``processes`` above 1 maps in that many
+    worker processes (records keep their order; memory stays bounded by the chunks in flight)."""
     records: list[MappedRecord] = []
     index = 0
 
@@ -188,8 +245,7 @@ def run(
         return Batch(index, list(records), list(seen.values()))
 
     raws = read_records(spec, stream, format=format, encoding=encoding, delimiter=delimiter, name=summary.source)
-    for raw in raws:
-        result = mapper.map(raw)
+    for result in _mapped(spec, raws, validator, processes):
         summary.add(result)
         if on_record is not None:
             on_record()

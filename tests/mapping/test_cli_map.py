@@ -152,3 +152,19 @@ def test_a_run_killed_half_way_and_run_again_stores_every_record_once(tmp_path: 
             assert history["total"] == records, type
     finally:
         stop(server)
+
+
+def test_mapping_in_worker_processes_gives_the_same_output(tmp_path: Path) -> None:
+    from bench.api import nhs_numbers
+
+    source = tmp_path / "referrals.csv"
+    with source.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(referrals(list(itertools.islice(nhs_numbers(), 450))))
+    one = run("map", "-m", "sp-referral", str(source), "-o", "one.ndjson", cwd=tmp_path)
+    two = run("map", "-m", "sp-referral", str(source), "-o", "two.ndjson", "--processes", "2", cwd=tmp_path)
+    assert one.returncode == two.returncode == 0, two.stderr
+    assert one.stderr == two.stderr
+    strip = [line for line in (tmp_path / "one.ndjson").read_bytes().splitlines() if b'"Provenance"' not in line]
+    assert strip == [
+        line for line in (tmp_path / "two.ndjson").read_bytes().splitlines() if b'"Provenance"' not in line
+    ]
