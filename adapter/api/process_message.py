@@ -33,8 +33,8 @@ gives each entry. An entry with a business identifier (NHS number, ODS code, SDS
 identifier with a system and a value) is a conditional create on it (``If-None-Exist``), so the same
 patient or practice arriving in many referrals is stored once, and never overwritten by a message.
 Entries without one are stored as sent, a copy per message (nothing says two of them are the same).
-The referral itself gets a deterministic id, uuid5 of its identifier, so that two messages creating
-the same referral cannot both succeed.
+The referral itself gets a deterministic id, uuid5 of its identifier as the mappings make it
+(:mod:`adapter.mapping.ids`), so that two messages creating the same referral cannot both succeed.
 
 **Idempotency** (https://hl7.org/fhir/R4/messaging.html#reliable; BaRS: a message processed already is
 answered 409 ``duplicate`` and must not be retried). The same transaction creates two records under
@@ -85,6 +85,7 @@ from adapter.api.context import base_url, services
 from adapter.api.negotiation import read_resource, render, response_format
 from adapter.errors import AdapterError, Conflict, Gone, MessageRejected, NotFound, ValidationFailed, VersionConflict
 from adapter.fhir import json_format
+from adapter.mapping.ids import deterministic_id, identity
 from adapter.search.query import parse_search
 from adapter.store import Operation, OperationResult, Resource, ResourceStore
 from adapter.validation import Validator
@@ -124,7 +125,6 @@ _UKCORE_ENCOUNTER = "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Encounte
 # Namespaces of the deterministic ids (style rule 5): one per key, so that keys cannot collide.
 _MESSAGE_IDS = uuid.uuid5(uuid.NAMESPACE_URL, "https://sp-fhir-adapter.org/fhir/$process-message#Bundle.id")
 _REQUEST_IDS = uuid.uuid5(uuid.NAMESPACE_URL, "https://sp-fhir-adapter.org/fhir/$process-message#X-Request-Id")
-_REFERRAL_IDS = uuid.uuid5(uuid.NAMESPACE_URL, "https://sp-fhir-adapter.org/fhir/ServiceRequest#identifier")
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,6 +440,15 @@ def _token(resource: Resource) -> tuple[int, str] | None:
     return None
 
 
+def _referral_id(referral: Resource) -> str:
+    """The referral's id: the one the mappings give it (:mod:`adapter.mapping.ids`), so a referral
+    that arrives as a message and in a platform's export is one ServiceRequest."""
+    found = _token(referral)
+    assert found is not None  # checked before: a referral needs an identifier
+    identifier = referral["identifier"][found[0]]
+    return deterministic_id("ServiceRequest", identity(identifier["system"], identifier["value"]))
+
+
 def _escaped(text: str) -> str:
     """A search value with its special characters escaped (https://hl7.org/fhir/R4/search.html#escaping)."""
     return text.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,").replace("$", "\\$")
@@ -549,7 +558,7 @@ async def _new_referral(store: ResourceStore, message: _Message, focus: int, tok
         raise _reject(
             422, "business-rule", f"a new referral must be active, not {referral.get('status')!r}", f"{where}.status"
         )
-    writes.add(Operation.create(referral, id=_key(_REFERRAL_IDS, token), full_url=url), where)
+    writes.add(Operation.create(referral, id=_referral_id(referral), full_url=url), where)
     _entries(message, focus, writes)
     writes.add(
         Operation.create(_task(referral, url, "requested", "received"), full_url=f"urn:uuid:{uuid.uuid4()}"), where

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from adapter.api import create_app
 from adapter.api.process_message import message_definition
 from adapter.fhir import json_format, xml_format
+from adapter.mapping.ids import deterministic_id, identity
 from adapter.search.query import parse_search
 from adapter.store import OperationResult, Resource, SQLiteStore
 from adapter.validation.bundled import bundled_packages, profiles_dir
@@ -153,6 +154,8 @@ async def test_a_new_referral_stores_the_referral_its_task_a_planned_encounter_a
     [patient] = await stored(store, "Patient", ("identifier", f"{NHS}|9990000018"))
     assert referral["status"] == "active"
     assert referral["subject"]["reference"] == f"Patient/{patient['id']}"
+    # The id the mappings give this referral: the same referral from an export is the same resource.
+    assert referral["id"] == deterministic_id("ServiceRequest", identity(REFERRAL_SYSTEM, "REF-2024-0001"))
     [task] = await stored(store, "Task", ("focus", f"ServiceRequest/{referral['id']}"))
     assert (task["status"], task["intent"]) == ("requested", "order")
     assert task["for"]["reference"] == f"Patient/{patient['id']}"
