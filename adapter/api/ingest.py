@@ -94,6 +94,8 @@ def _outcome(summary: Summary, created: int, stored: int) -> dict[str, Any]:
         issues.append(
             {"severity": "error", "code": "invalid", "diagnostics": item.reason, "expression": [item.expression]}
         )
+    for text in summary.differences:
+        issues.append({"severity": "warning", "code": "conflict", "diagnostics": text, "expression": ["record"]})
     for name, count in sorted(summary.unused.items()):
         issues.append(
             {

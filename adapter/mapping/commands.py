@@ -236,6 +236,8 @@ def summary_lines(summary: Summary) -> list[str]:
         lines.append(f"  rejected {where}: {item.reason}")
     if summary.rejected > len(summary.rejections):
         lines.append(f"  ... and {summary.rejected - len(summary.rejections)} more rejected")
+    for text in summary.differences:
+        lines.append(f"  differing: {text}")
     if summary.unused:
         shown = sorted(summary.unused.items())[:_SHOWN]
         more = f" ... and {len(summary.unused) - _SHOWN} more" if len(summary.unused) > _SHOWN else ""

@@ -61,6 +61,9 @@ class Summary:
     resources: int = 0
     batches: int = 0
     rejections: list[Rejection] = field(default_factory=list)
+    #: Resources that records of one batch gave differently under one identity (the first is kept).
+    differing: int = 0
+    differences: list[str] = field(default_factory=list)
     unused: Counter[str] = field(default_factory=Counter)
     defaults: Counter[str] = field(default_factory=Counter)
 
@@ -87,6 +90,7 @@ class Summary:
             "rejections": [
                 {"record": item.record, "field": item.field, "reason": item.reason} for item in self.rejections
             ],
+            "differing": self.differences,
             "unused_fields": dict(sorted(self.unused.items())),
             "defaults_applied": dict(sorted(self.defaults.items())),
         }
@@ -236,13 +240,22 @@ def run(
     index = 0
 
     def batch() -> Batch:
-        seen: dict[str, MappedResource] = {}
+        seen: dict[str, tuple[MappedResource, int]] = {}
         for record in records:
             for item in record.resources:
-                seen.setdefault(item.resource["id"], item)
+                first = seen.setdefault(item.resource["id"], (item, record.number))
+                if first[0].resource != item.resource:
+                    # The same person with another address in a later row: nothing is lost
+                    # silently; the run says which identity, and which records disagree.
+                    summary.differing += 1
+                    if len(summary.differences) < MAX_REJECTIONS:
+                        summary.differences.append(
+                            f"{item.resource['resourceType']} {item.if_none_exist or item.resource['id']}: "
+                            f"record {record.number} differs from record {first[1]}, whose values are kept"
+                        )
         summary.batches += 1
         summary.resources += len(seen)
-        return Batch(index, list(records), list(seen.values()))
+        return Batch(index, list(records), [item for item, _ in seen.values()])
 
     raws = read_records(spec, stream, format=format, encoding=encoding, delimiter=delimiter, name=summary.source)
     for result in _mapped(spec, raws, validator, processes):

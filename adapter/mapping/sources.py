@@ -22,7 +22,7 @@ import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import IO, Any, cast
 from zoneinfo import ZoneInfo
@@ -357,7 +357,13 @@ def convert(spec: MappingSpec, spec_field: FieldSpec, raw: Any, number: int, nam
         if kind == "date":
             return moment.date().isoformat()
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=_LONDON)
+            local = moment.replace(tzinfo=_LONDON)
+            # The hour the clocks skip in March never happened in UK civil time: refuse it rather
+            # than store another instant. (An hour that happens twice in October is taken as BST,
+            # its first occurrence.)
+            if local.astimezone(UTC).astimezone(_LONDON).replace(tzinfo=None) != moment:
+                raise _fail(f"{shown!r} does not exist in UK time (the clocks went forward)", number, name)
+            moment = local
         return moment.isoformat()
     raise _fail(f"{shown!r} is not a date in the form {' or '.join(spec_field.formats)}", number, name)
 

@@ -348,3 +348,16 @@ def test_records_that_are_not_objects_are_rejected_not_crashed() -> None:
     records = _map(b'[1, 2]\n{"referral_id": "x"}\n', "x.ndjson")
     assert [record.error is not None for record in records] == [True, True]
     assert "not an object" in (records[0].error.message if records[0].error else "")
+
+
+def test_differing_records_under_one_identity_are_reported_not_silently_dropped() -> None:
+    moved = ROW.replace("REF-1", "REF-2").replace("Carmody", "Carmody-Hayes")
+    summary = Summary("sp-referral", "x.csv")
+    [batch] = list(run(SPEC, io.BytesIO("\n".join([HEADER, ROW, moved]).encode()), VALIDATOR, summary))
+    [patient] = [item.resource for item in batch.resources if item.resource["resourceType"] == "Patient"]
+    assert patient["name"][0]["family"] == "Carmody"
+    assert summary.differing == 1
+    assert summary.differences == [
+        "Patient identifier=https://fhir.nhs.uk/Id/nhs-number|9990000018: record 2 differs from record 1, "
+        "whose values are kept"
+    ]

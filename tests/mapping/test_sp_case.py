@@ -490,13 +490,11 @@ def test_every_field_survives_source_to_fhir_to_source(record: dict[str, Any]) -
     assert extract(SPEC, RawRecord(1, back)).values == extract(SPEC, RawRecord(1, record)).values
 
 
-def test_a_contact_in_the_hour_the_clocks_skip_is_not_the_time_the_source_wrote() -> None:
-    """Not reversible: 01:30 on 31 March 2024 never happened in UK civil time; Python reads it as
-    01:30 GMT (zoneinfo, fold=0), which is 02:30 BST, and that is what comes back."""
-    record = _changed("missing-optional", contacts=[{"contact_id": "C1", "date": "2024-03-31T01:30:00"}])
-    found = resources(record)
-    assert found["Encounter"][0]["period"]["start"] == "2024-03-31T01:30:00+00:00"
-    [back] = list(unmap(SPEC, Resolver(r for items in found.values() for r in items)))
-    assert back["contacts"][0]["date"] == "2024-03-31T02:30:00"
+def test_a_contact_in_the_hour_the_clocks_skip_is_rejected() -> None:
+    """01:30 on 31 March 2024 never happened in UK civil time: the record is refused, naming the
+    field, rather than stored as another instant."""
+    [result] = mapped(_changed("missing-optional", contacts=[{"contact_id": "C1", "date": "2024-03-31T01:30:00"}]))
+    assert result.error is not None and "does not exist in UK time" in result.error.message
+    assert result.error.field == "contacts[0].date"
     assert not _exists_in_uk_time(datetime(2024, 3, 31, 1, 30))
     assert _exists_in_uk_time(datetime(2024, 3, 31, 2, 30))
