@@ -793,6 +793,22 @@ def _contacts_block(case: _Case) -> _Block:
     return [_x("p", summary), _table(["Date", "Mode", "Seen by"], rows)], case.encounters
 
 
+def _closure_type_text(case: _Case) -> str:
+    """The text of the EpisodeOfCare's case-closed type, where the sp-case mapping puts the reason."""
+    wanted = case.spec.document.get("case_closed_type") or {}
+    for concept in case.episode.resource.get("type") or ():
+        codings = concept.get("coding") if isinstance(concept, dict) else None
+        for coding in codings if isinstance(codings, list) else ():
+            if (
+                isinstance(coding, dict)
+                and coding.get("system") == wanted.get("system")
+                and coding.get("code") == wanted.get("code")
+                and isinstance(concept.get("text"), str)
+            ):
+                return _clean(concept["text"])
+    return ""
+
+
 def _closure_block(case: _Case) -> _Block:
     resource = case.episode.resource
     status = str(resource.get("status", ""))
@@ -808,7 +824,7 @@ def _closure_block(case: _Case) -> _Block:
             if isinstance(t.resource.get("statusReason"), dict)
         ]
         reasons.sort(key=lambda pair: (pair[0] or datetime.min.replace(tzinfo=UTC), pair[1]))
-        reason = reasons[-1][1] if reasons else ""
+        reason = reasons[-1][1] if reasons else _closure_type_text(case)
         rows = [("Reason for closure", reason or "not recorded")]
     else:
         since = _day(period.get("start"))

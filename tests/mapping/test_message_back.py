@@ -456,3 +456,37 @@ def test_flatten_gives_back_the_first_and_last_scores(generated: tuple[dict[str,
     for found in rows:
         if found["change"]:
             assert int(found["change"]) == int(found["last_score"]) - int(found["first_score"])
+
+
+def test_the_closure_reason_of_an_sp_case_episode_is_used_when_no_task_gives_one() -> None:
+    """A case mapped by sp-case keeps its closure reason in EpisodeOfCare.type (case closed) text."""
+    import io
+
+    from adapter.mapping.engine import Mapper
+    from adapter.mapping.sources import read_records
+    from adapter.mapping.spec import load
+    from adapter.validation.bundled import bundled_packages
+    from adapter.validation.profiles import ProfileValidator
+
+    spec = load("sp-case")
+    source = FOLDER.parent / "sp-case" / "cases" / "full" / "input.json"
+    [record] = [
+        Mapper(spec, ProfileValidator(bundled_packages())).map(raw)
+        for raw in read_records(spec, io.BytesIO(source.read_bytes()), name="input.json")
+    ]
+    assert record.error is None
+    case_bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"fullUrl": f"urn:uuid:{item.resource['id']}", "resource": item.resource} for item in record.resources
+        ],
+    }
+    document = build(case_bundle).resources[0].resource
+    closure = next(
+        section["text"]["div"]
+        for entry in document["entry"][:1]
+        for section in entry["resource"]["section"]
+        if "closed" in section["text"]["div"]
+    )
+    assert "Goals achieved: connected to a walking group and a befriending service" in closure
