@@ -156,3 +156,27 @@ async def test_the_provenance_targets_what_was_stored_even_when_it_matched(
     for reference in targets:
         type, id = reference.split("/")
         await store.read(type, id)  # every target exists
+
+
+async def test_a_source_unreadable_half_way_stores_nothing(client: httpx.AsyncClient, store: SQLiteStore) -> None:
+    # More records than are mapped and stored at a time before the broken line.
+    rows = [
+        f'{{"assessment_id": "A{n}", "nhs_number": "9990000018", "tool": "PAM", "date": "17/01/2024", "total": "2"}}'
+        for n in range(100)
+    ]
+    response = await client.post(
+        "/fhir/$ingest",
+        params={"mapping": "sp-outcomes"},
+        content="\n".join([*rows, '{"assessment_id": "broken']).encode(),
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["issue"][0]["expression"] == ["record[101]"]
+    assert await _count(store, "Observation") == 0
+    good = await client.post(
+        "/fhir/$ingest",
+        params={"mapping": "sp-outcomes"},
+        content="\n".join(rows).encode(),
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert good.status_code == 200 and await _count(store, "Observation") == 100
