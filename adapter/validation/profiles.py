@@ -121,6 +121,11 @@ class _Group:
     name: str
     id: str
     slices: dict[str, str] = field(default_factory=dict)
+    #: Whether an absent element still needs checking: its rule or one of its slices has a minimum.
+    #: Worked out on first use (the profile's rules are complete by then).
+    required: bool | None = None
+    #: Whether its rule or one of its slices is mustSupport (reported when absent, on request).
+    must_support: bool = False
 
 
 @dataclass(slots=True)
@@ -547,6 +552,18 @@ class _Run:
         self, profile: CompiledProfile, element_id: str, node: dict[str, Any], where: str, label: str, resource: Any
     ) -> None:
         for name, group in profile.groups.get(element_id, {}).items():
+            if group.required is None:
+                rules = [profile.rules.get(rule_id) for rule_id in (group.id, *group.slices.values())]
+                group.required = any(found is not None and bool(found.min) for found in rules)
+                group.must_support = any(found is not None and found.must_support for found in rules)
+            if (
+                not group.required
+                and not (group.must_support and self.v.must_support)
+                and name not in node
+                and "_" + name not in node
+                and not name.endswith("[x]")
+            ):
+                continue  # absent, and nothing asks for it: nothing to check
             items = _items(node, name, where)
             rule = profile.rules.get(group.id)
             if rule is not None:
@@ -888,14 +905,16 @@ class _Run:
                 for key, value in node.items():
                     if key in ("contained", "resource"):
                         continue  # contained resources and Bundle entries are checked as resources
-                    if key in _EXTENSIONS and isinstance(value, list):
-                        for i, extension in enumerate(value):
-                            self.extension(extension, key, f"{path}.{key}[{i}]", label)
-                    child = f"{path}.{key.lstrip('_')}"
                     if isinstance(value, list):
-                        stack.extend((v, f"{child}[{i}]") for i, v in enumerate(value) if isinstance(v, dict))
+                        if key in _EXTENSIONS:
+                            for i, extension in enumerate(value):
+                                self.extension(extension, key, f"{path}.{key}[{i}]", label)
+                        # Paths are only made for what may hold extensions (objects), not primitives.
+                        if value and isinstance(value[0], dict):
+                            child = f"{path}.{key.lstrip('_')}"
+                            stack.extend((v, f"{child}[{i}]") for i, v in enumerate(value) if isinstance(v, dict))
                     elif isinstance(value, dict):
-                        stack.append((value, child))
+                        stack.append((value, f"{path}.{key.lstrip('_')}"))
 
     def extension(self, extension: Any, kind: str, where: str, label: str) -> None:
         if not isinstance(extension, dict) or id(extension) in self.checked_extensions:
