@@ -79,6 +79,9 @@ def _supported_profiles() -> dict[str, list[str]]:
     return {type: sorted(urls) for type, urls in found.items()}
 
 
+#: What ``$process-message`` takes (``conformance/MessageDefinition-sp-referral-request.json``).
+_REFERRAL_MESSAGE_DEFINITION = "https://sp-fhir-adapter.org/fhir/MessageDefinition/sp-referral-request"
+
 # System-level operations and their definitions: the R4 one, or ours in conformance/.
 _SYSTEM_OPERATIONS = {
     "process-message": "http://hl7.org/fhir/OperationDefinition/MessageHeader-process-message",
@@ -159,4 +162,10 @@ def capability_statement(routes: Iterable[Route], base_url: str) -> dict[str, An
         "fhirVersion": "4.0.1",
         "format": ["json", "xml"],
         "rest": [rest],
+        # The messages $process-message receives (https://hl7.org/fhir/R4/capabilitystatement-definitions.html#CapabilityStatement.messaging).
+        **(
+            {"messaging": [{"supportedMessage": [{"mode": "receiver", "definition": _REFERRAL_MESSAGE_DEFINITION}]}]}
+            if "process-message" in system_operations
+            else {}
+        ),
     }

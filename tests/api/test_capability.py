@@ -90,6 +90,17 @@ async def test_the_interactions_are_exactly_those_of_the_routing_table(client: h
     assert "ingest" in operations
     ingest = next(item for item in rest["operation"] if item["name"] == "ingest")
     assert ingest["definition"] == "https://sp-fhir-adapter.org/fhir/OperationDefinition/ingest"
+    statement_messaging = (await statement(client))["messaging"]
+    assert statement_messaging == [
+        {
+            "supportedMessage": [
+                {
+                    "mode": "receiver",
+                    "definition": "https://sp-fhir-adapter.org/fhir/MessageDefinition/sp-referral-request",
+                }
+            ]
+        }
+    ]
 
 
 async def test_search_parameters_are_declared_per_type_from_the_r4_definitions(client: httpx.AsyncClient) -> None:
