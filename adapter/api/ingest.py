@@ -94,6 +94,15 @@ def _outcome(summary: Summary, created: int, stored: int) -> dict[str, Any]:
         issues.append(
             {"severity": "error", "code": "invalid", "diagnostics": item.reason, "expression": [item.expression]}
         )
+    if summary.rejected > len(summary.rejections):
+        issues.append(
+            {
+                "severity": "error",
+                "code": "too-costly",
+                "diagnostics": f"{summary.rejected - len(summary.rejections)} more rejected records are not listed",
+                "expression": ["record"],
+            }
+        )
     for text in summary.differences:
         issues.append({"severity": "warning", "code": "conflict", "diagnostics": text, "expression": ["record"]})
     for name, count in sorted(summary.unused.items()):

@@ -180,3 +180,15 @@ async def test_a_source_unreadable_half_way_stores_nothing(client: httpx.AsyncCl
         headers={"Content-Type": "application/x-ndjson"},
     )
     assert good.status_code == 200 and await _count(store, "Observation") == 100
+
+
+async def test_rejections_beyond_the_listed_ones_are_counted(
+    client: httpx.AsyncClient, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setattr(sys.modules["adapter.mapping.run"], "MAX_REJECTIONS", 2)
+    rows = (CASES / "awkward" / "input.csv").read_bytes()  # 3 bad rows
+    issues = (await _ingest(client, rows)).json()["issue"]
+    errors = [issue["diagnostics"] for issue in issues if issue["severity"] == "error"]
+    assert len(errors) == 3 and errors[-1] == "1 more rejected records are not listed"
