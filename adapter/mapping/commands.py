@@ -11,12 +11,13 @@
   record, so one bad record does not hold back the others.
 
 Mappings whose output is a document (``message-back-to-gp``) write the document Bundle of each
-record, and its HTML rendering next to it. Files are written to a temporary name and renamed when
+record and, when the spec names a ``render`` function, its HTML rendering next to it. Files are written to a temporary name and renamed when
 complete, so an interrupted run leaves no half-written output.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -82,8 +83,18 @@ def _bundle_stream(handle: IO[bytes], batches: Iterator[Batch], spec: MappingSpe
     handle.write(b"]}\n")
 
 
+def _renderer(spec: MappingSpec) -> Callable[[dict[str, Any]], str] | None:
+    """The spec's ``render: module:function`` (document to HTML), if it names one."""
+    target = spec.raw.get("render")
+    if not target:
+        return None
+    module, _, function = str(target).partition(":")
+    found: Callable[[dict[str, Any]], str] = getattr(importlib.import_module(module), function)
+    return found
+
+
 def _documents(spec: MappingSpec, batches: Iterator[Batch], output: str | None) -> None:
-    from adapter.mapping.message_back import render_html
+    render_html = _renderer(spec)
 
     documents = [item.resource for batch in batches for item in batch.resources]
     if output is None or output == "-":
@@ -98,16 +109,18 @@ def _documents(spec: MappingSpec, batches: Iterator[Batch], output: str | None) 
         for document in documents:
             with _atomic(target / f"{document['id']}.json") as handle:
                 handle.write(dumps(document, indent=True))
-            with _atomic(target / f"{document['id']}.html") as handle:
-                handle.write(render_html(document).encode())
+            if render_html is not None:
+                with _atomic(target / f"{document['id']}.html") as handle:
+                    handle.write(render_html(document).encode())
         return
     if len(documents) > 1:
         raise InputError("several documents: write them to a directory (-o DIR/)", expression="output")
     for document in documents:
         with _atomic(target) as handle:
             handle.write(dumps(document, indent=True))
-        with _atomic(target.with_suffix(".html")) as handle:
-            handle.write(render_html(document).encode())
+        if render_html is not None:
+            with _atomic(target.with_suffix(".html")) as handle:
+                handle.write(render_html(document).encode())
 
 
 def map_records(
