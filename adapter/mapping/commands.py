@@ -11,8 +11,9 @@
   record, so one bad record does not hold back the others.
 
 Mappings whose output is a document (``message-back-to-gp``) write the document Bundle of each
-record and, when the spec names a ``render`` function, its HTML rendering next to it. Files are written to a temporary name and renamed when
-complete, so an interrupted run leaves no half-written output.
+record and, when the spec names a ``render`` function, its HTML rendering next to it. Files are
+written to a temporary name and renamed when complete, so an interrupted run leaves no
+half-written output.
 """
 
 from __future__ import annotations
