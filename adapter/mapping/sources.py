@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import copy
 import csv
 import io
 import re
@@ -230,10 +231,13 @@ def _xml(spec: MappingSpec, stream: IO[bytes], sample: bytes) -> Iterator[RawRec
             if event == "start":
                 continue
             number += 1
-            yield RawRecord(number, element)
+            # A copy of the record, so it stays whole after the reader moves on (and frees the
+            # document's records as it goes: memory stays bounded).
+            record = copy.deepcopy(element)
             element.clear()
             while element.getprevious() is not None:
                 del element.getparent()[0]
+            yield RawRecord(number, record)
     except etree.XMLSyntaxError as exc:
         raise ParseError(f"not well-formed XML: {exc}", expression=f"record[{number + 1}]") from exc
 

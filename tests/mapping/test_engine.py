@@ -361,3 +361,38 @@ def test_differing_records_under_one_identity_are_reported_not_silently_dropped(
         "Patient identifier=https://fhir.nhs.uk/Id/nhs-number|9990000018: record 2 differs from record 1, "
         "whose values are kept"
     ]
+
+
+def test_xml_fields_are_selected_by_xpath(tmp_path: Path) -> None:
+    spec = _Reader(
+        tmp_path / "mapping.yaml",
+        {
+            "source": {"format": "xml", "record": "person"},
+            "fields": {
+                "nhs_number": {"type": "nhs-number", "required": True, "path": "ids/id[@system='nhs']/@value"},
+                "family_name": {"type": "string", "path": "name/part[@type='family']"},
+                "given": {"type": "string", "repeats": True, "path": "name/part[@type='given']"},
+            },
+            "resources": {
+                "patient": {
+                    "type": "Patient",
+                    "identity": "https://fhir.nhs.uk/Id/nhs-number|{nhs_number}",
+                    "rules": [
+                        {"path": "identifier[0].system", "value": "https://fhir.nhs.uk/Id/nhs-number"},
+                        {"path": "identifier[0].value", "field": "nhs_number"},
+                        {"path": "name[0].family", "field": "family_name"},
+                        {"path": "name[0].given", "field": "given"},
+                    ],
+                }
+            },
+        },
+    ).spec()
+    xml = b"""<people><person><ids><id system="local" value="77"/><id system="nhs" value="9990000018"/></ids>
+      <name><part type="given">Mary</part><part type="family">O'Neill</part><part type="given">Ann</part></name>
+    </person></people>"""
+    [raw] = list(read_records(spec, io.BytesIO(xml), name="people.xml"))
+    record = Mapper(spec, VALIDATOR).map(raw)
+    assert record.error is None, record.error
+    [patient] = [item.resource for item in record.resources]
+    assert patient["identifier"][0]["value"] == "9990000018"
+    assert patient["name"] == [{"family": "O'Neill", "given": ["Mary", "Ann"]}]
