@@ -97,6 +97,7 @@ class Rule:
     _codes: frozenset[str] | None = None
     _profiles: tuple[str, ...] | None = None
     _targets: tuple[str, ...] | None = None
+    _checks_items: bool | None = None
 
     def type_codes(self) -> frozenset[str]:
         if self._codes is None:
@@ -112,6 +113,23 @@ class Rule:
         if self._targets is None:
             self._targets = tuple(p for t in self.types or () for p in t.get("targetProfile") or ())
         return self._targets
+
+    def checks_items(self) -> bool:
+        """Whether the rule says anything about each value (beyond how many there are)."""
+        if self._checks_items is None:
+            self._checks_items = bool(
+                self.type_codes()
+                or self.fixed is not _UNSET
+                or self.pattern is not _UNSET
+                or self.binding is not None
+                or self.max_length is not None
+                or self.min_value is not _UNSET
+                or self.max_value is not _UNSET
+                or self.constraints
+                or self.profiles()
+                or self.target_profiles()
+            )
+        return self._checks_items
 
 
 @dataclass(slots=True)
@@ -735,6 +753,8 @@ class _Run:
             self.add("error", "structure", f"{element}: at most {rule.max} allowed, found {len(items)}", where, label)
         if self.v.must_support and rule.must_support and not items:
             self.add("information", "informational", f"{element}: mustSupport element is absent", where, label)
+        if not items or not rule.checks_items():
+            return
         codes = rule.type_codes()
         for item in items:
             value = item.value
