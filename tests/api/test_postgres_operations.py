@@ -21,6 +21,7 @@ from adapter.api import create_app
 from adapter.store import OperationResult, ResourceStore
 from adapter.validation.profiles import ProfileValidator
 from tests.api.test_process_message import bars_issues, counts, message, post
+
 # Fixtures used here, imported so that pytest finds them (the "as" form marks a re-export).
 from tests.api.test_process_message import profile_validator as profile_validator
 from tests.store.conftest import postgres_dsn as postgres_dsn
