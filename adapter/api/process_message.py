@@ -86,7 +86,7 @@ from adapter.api.negotiation import read_resource, render, response_format
 from adapter.errors import AdapterError, Conflict, Gone, MessageRejected, NotFound, ValidationFailed, VersionConflict
 from adapter.fhir import json_format
 from adapter.mapping.ids import deterministic_id, identity
-from adapter.search.query import parse_search
+from adapter.search.query import escape, parse_search
 from adapter.store import Operation, OperationResult, Resource, ResourceStore
 from adapter.validation import Validator
 
@@ -436,7 +436,7 @@ def _token(resource: Resource) -> tuple[int, str] | None:
         system = identifier.get("system") if isinstance(identifier, dict) else None
         value = identifier.get("value") if isinstance(identifier, dict) else None
         if isinstance(system, str) and system and isinstance(value, str) and value:
-            return index, f"{_escaped(system)}|{_escaped(value)}"
+            return index, f"{escape(system)}|{escape(value)}"
     return None
 
 
@@ -447,11 +447,6 @@ def _referral_id(referral: Resource) -> str:
     assert found is not None  # checked before: a referral needs an identifier
     identifier = referral["identifier"][found[0]]
     return deterministic_id("ServiceRequest", identity(identifier["system"], identifier["value"]))
-
-
-def _escaped(text: str) -> str:
-    """A search value with its special characters escaped (https://hl7.org/fhir/R4/search.html#escaping)."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,").replace("$", "\\$")
 
 
 # --------------------------------------------------------------------------------------------

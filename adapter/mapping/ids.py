@@ -12,6 +12,8 @@ from __future__ import annotations
 import uuid
 from urllib.parse import quote
 
+from adapter.search.query import escape
+
 __all__ = ["NAMESPACE", "deterministic_id", "identity"]
 
 #: The namespace of every id the mappings make (uuid5 of the project's canonical URL).
@@ -20,9 +22,10 @@ NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://sp-fhir-adapter.org/fhir")
 
 def identity(system: str, value: str) -> str:
     """The business identity of a resource with this identifier, as an ``identifier`` search
-    (https://hl7.org/fhir/R4/search.html#token); also the resource's ``If-None-Exist``. The value is
-    percent-encoded, so a ``|``, ``&`` or ``+`` in it cannot change the search."""
-    return f"identifier={system}|{quote(value, safe='')}"
+    (https://hl7.org/fhir/R4/search.html#token); also the resource's ``If-None-Exist``. Both parts
+    are escaped for the search (a ``,`` in a value is not a second value) and percent-encoded for
+    the query string (an ``&`` or ``+`` cannot change it)."""
+    return f"identifier={quote(escape(system), safe=':/')}|{quote(escape(value), safe='')}"
 
 
 def deterministic_id(type: str, key: str) -> str:

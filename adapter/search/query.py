@@ -172,6 +172,12 @@ def split_values(text: str) -> list[str]:
     return parts
 
 
+def escape(text: str) -> str:
+    """A value with the search's special characters escaped, the inverse of :func:`unescape`
+    (https://hl7.org/fhir/R4/search.html#escaping)."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,").replace("$", "\\$")
+
+
 def unescape(text: str) -> str:
     """Undo the search escapes ``\\,`` ``\\|`` ``\\$`` ``\\\\`` (https://hl7.org/fhir/R4/search.html#escaping)."""
     return re.sub(r"\\(.)", r"\1", text)

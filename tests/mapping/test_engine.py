@@ -396,3 +396,16 @@ def test_xml_fields_are_selected_by_xpath(tmp_path: Path) -> None:
     [patient] = [item.resource for item in record.resources]
     assert patient["identifier"][0]["value"] == "9990000018"
     assert patient["name"] == [{"family": "O'Neill", "given": ["Mary", "Ann"]}]
+
+
+def test_an_identity_with_search_characters_is_one_value() -> None:
+    """Regression (#5): a referral id with a comma was two OR'd values in its If-None-Exist."""
+    from adapter.api.context import condition
+
+    row = ROW.replace("REF-1", '"REF,1|2&3+4"')
+    [record] = _map(f"{HEADER}\n{row}\n")
+    referral = next(item for item in record.resources if item.resource["resourceType"] == "ServiceRequest")
+    assert referral.if_none_exist is not None
+    [criterion] = condition("ServiceRequest", referral.if_none_exist, "ifNoneExist").criteria
+    [token] = criterion.values
+    assert (token.system, token.code) == ("https://sp-fhir-adapter.org/fhir/Id/referral-id", "REF,1|2&3+4")
