@@ -65,18 +65,11 @@ class Target(StrEnum):
     xml = "xml"
 
 
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("sp-fhir-adapter")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def _show_version(value: bool) -> None:
     if value:
-        typer.echo(f"spfhir {_version()}")
+        from adapter import software_version
+
+        typer.echo(f"spfhir {software_version()}")
         raise typer.Exit(EXIT_OK)
 
 

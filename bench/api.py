@@ -80,6 +80,7 @@ from urllib.parse import urlencode
 
 import httpx
 import orjson
+from nhs_number.validate import calculate_checksum
 
 from bench import sekmet
 
@@ -111,11 +112,8 @@ TARGET_RATIO = 2.0
 
 def nhs_check_digit(nine_digits: str) -> int | None:
     """The NHS number Modulus 11 check digit of the first nine digits; None when no number can end them."""
-    total = sum(int(digit) * weight for digit, weight in zip(nine_digits, range(10, 1, -1), strict=True))
-    check = 11 - total % 11
-    if check == 11:
-        return 0
-    return None if check == 10 else check
+    check = calculate_checksum(nine_digits)  # 10 is never a valid check digit
+    return None if check is None or check == 10 else check
 
 
 def nhs_numbers(start: int = 1) -> Iterator[str]:

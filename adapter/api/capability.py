@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import cache
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from adapter import software_version
 from adapter.fhir import model
 from adapter.fhir.model import value_set_codes
 from adapter.search.parameters import parameters_for
@@ -35,13 +35,6 @@ def resource_types() -> frozenset[str]:
     """
     codes = value_set_codes("http://hl7.org/fhir/ValueSet/resource-types") or {}
     return model.resource_types() & frozenset().union(*codes.values())
-
-
-def _software_version() -> str:
-    try:
-        return version("sp-fhir-adapter")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 @cache
@@ -157,7 +150,7 @@ def capability_statement(routes: Iterable[Route], base_url: str) -> dict[str, An
         # The statement describes this running instance, as it is now.
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "kind": "instance",
-        "software": {"name": "sp-fhir-adapter", "version": _software_version()},
+        "software": {"name": "sp-fhir-adapter", "version": software_version()},
         "implementation": {"description": "Social prescribing FHIR R4 adapter", "url": base_url},
         "fhirVersion": "4.0.1",
         "format": ["json", "xml"],

@@ -28,7 +28,7 @@ from adapter.api.negotiation import read_body, render, response_format
 from adapter.errors import AdapterError, InputError
 from adapter.mapping.base import MappedResource
 from adapter.mapping.engine import MappedRecord, references_to_ids
-from adapter.mapping.run import Rejection, Summary, provenance, run
+from adapter.mapping.run import Summary, provenance, run
 from adapter.mapping.spec import MappingSpec, SourceFormat, load
 from adapter.store import Operation, OperationResult, ResourceStore
 
@@ -159,9 +159,7 @@ async def ingest(request: Request) -> Response:
                 # resource stored before keeps that resource's id.
                 stored.extend(MappedResource({"resourceType": result.type, "id": result.id}) for result in results)
                 continue
-            summary.mapped -= 1
-            summary.rejected += 1
-            summary.rejections.append(Rejection(record.number, None, f"not stored: {error.message}"))
+            summary.refuse(record.number, f"not stored: {error.message}")
     if stored:
         unique = list({item.resource["id"]: item for item in stored}.values())
         trail = provenance(spec, f"$ingest?mapping={spec.name}", unique).resource

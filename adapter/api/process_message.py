@@ -75,12 +75,12 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request, Response
 
+from adapter import software_version
 from adapter.api.context import base_url, services
 from adapter.api.negotiation import read_resource, render, response_format
 from adapter.errors import AdapterError, Conflict, Gone, MessageRejected, NotFound, ValidationFailed, VersionConflict
@@ -743,7 +743,7 @@ def _answer(request: Request, message: _Message, writes: _Writes, results: list[
             for key, value in (
                 ("name", to.get("name")),
                 ("software", "sp-fhir-adapter"),
-                ("version", _software_version()),
+                ("version", software_version()),
                 ("endpoint", to.get("endpoint") or f"{base}/$process-message"),
             )
             if value is not None
@@ -777,14 +777,6 @@ def _recorded(message: _Message, body: _Writes, outcome: str) -> _Writes:
     for operation, source in zip(body.operations, body.sources, strict=True):
         writes.add(operation, source)
     return writes
-
-
-@cache
-def _software_version() -> str:
-    try:
-        return version("sp-fhir-adapter")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 async def _process(request: Request, headers: dict[str, str]) -> Resource:

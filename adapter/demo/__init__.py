@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from importlib import resources as importlib_resources
 from typing import Any
 
+from nhs_number.validate import is_valid
+
 from adapter.fhir.json_format import loads
 from adapter.store.base import Gone, NotFound, Resource, ResourceStore
 
@@ -59,12 +61,6 @@ async def load_demo(store: ResourceStore) -> LoadSummary:
 
 
 def nhs_number_valid(number: str) -> bool:
-    """The NHS number Modulus 11 check: weights 10..2 on the first nine digits; 11 - (sum mod 11)
-    is the check digit, 11 means 0, and 10 is never valid."""
-    if len(number) != 10 or not number.isdigit():
-        return False
-    total = sum(int(d) * w for d, w in zip(number[:9], range(10, 1, -1), strict=True))
-    check = 11 - total % 11
-    if check == 11:
-        check = 0
-    return check != 10 and check == int(number[9])
+    """Ten digits, as written, with a valid Modulus 11 check digit (the ``nhs-number`` library,
+    https://www.datadictionary.nhs.uk/attributes/nhs_number.html)."""
+    return len(number) == 10 and number.isdigit() and is_valid(number)

@@ -34,7 +34,7 @@ from adapter.errors import AdapterError, InputError
 from adapter.fhir.json_format import dumps
 from adapter.mapping.base import MappedResource
 from adapter.mapping.engine import references_to_ids, transaction_entry
-from adapter.mapping.run import Batch, Rejection, Summary, provenance, run
+from adapter.mapping.run import Batch, Summary, provenance, run
 from adapter.mapping.spec import MappingSpec, SourceFormat, load
 from adapter.validation import Validator
 
@@ -230,12 +230,8 @@ def post_batches(url: str, spec: MappingSpec, batches: Iterator[Batch], summary:
                 single = Batch(batch.index, [record], record.resources)
                 answer = _post(client, url, single.bundle(spec, summary.source))
                 if not answer.is_success:
-                    summary.mapped -= 1
-                    summary.rejected += 1
-                    summary.rejections.append(
-                        Rejection(
-                            record.number, None, f"the server refused it ({answer.status_code}): {_diagnostics(answer)}"
-                        )
+                    summary.refuse(
+                        record.number, f"the server refused it ({answer.status_code}): {_diagnostics(answer)}"
                     )
 
 

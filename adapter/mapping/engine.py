@@ -21,7 +21,6 @@ from typing import Any
 
 import orjson
 
-from adapter.fhir.json_format import dumps
 from adapter.mapping.base import Mapped, MappedResource, MappingError
 from adapter.mapping.helpers import HELPERS, ArgumentError
 from adapter.mapping.ids import deterministic_id, identity
@@ -250,28 +249,27 @@ class Mapper:
         shared = b'"urn:uuid:' not in key
         if shared and key in self._checked:
             problem = self._checked[key]
+            if problem is None and isinstance(self.validator, ProfileValidator):
+                # Valid, as an identical resource of an earlier record was: the references to it
+                # from this record's other resources need not check it again.
+                self.validator.remember_valid(resource, (), conformance)
         else:
-            problem = None
-            validate = self.validator.validate
-            issues = (
-                validate(resource, resolve=targets.get, conformance=conformance)  # type: ignore[call-arg]
-                if isinstance(self.validator, ProfileValidator)
-                else validate(resource)
+            if isinstance(self.validator, ProfileValidator):
+                issues = self.validator.validate(resource, resolve=targets.get, conformance=conformance)
+            else:
+                issues = self.validator.validate(resource)
+            problem = next(
+                (
+                    f"{issue.expression or resource['resourceType']}: {issue.diagnostics}"
+                    for issue in issues
+                    if issue.is_error
+                ),
+                None,
             )
-            for issue in issues:
-                if issue.is_error:
-                    problem = f"{issue.expression or resource['resourceType']}: {issue.diagnostics}"
-                    break
             if shared:
                 if len(self._checked) >= 10_000:  # bounded memory on long runs
                     self._checked.clear()
                 self._checked[key] = problem
-        if problem is None and isinstance(self.validator, ProfileValidator):
-            # Valid, so it meets its profile and the profiles that profile derives from: the
-            # references to it from the record's other resources need not check it again.
-            for url in resource.get("meta", {}).get("profile", ()):
-                for ancestor in self.validator.profile(url).ancestors:
-                    conformance[(id(resource), ancestor)] = True
         if problem is not None:
             path = problem.split(":", 1)[0]
             steps = re.sub(r"\[[^]]*]", "", path).split(".", 1)
@@ -427,8 +425,3 @@ class Mapper:
             used.add(group)
             return [item.get(sub) for item in values[group]]
         return None
-
-
-def canonical_json(resource: dict[str, Any]) -> bytes:
-    """FHIR JSON of a mapped resource (decimals as written), for output files."""
-    return dumps(resource)

@@ -18,7 +18,6 @@ import html
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal
 from functools import cache
 from typing import Any
 
@@ -58,26 +57,6 @@ def given_names(text: str | None) -> list[str] | None:
     if not text:
         return None
     return text.split()
-
-
-@helper("sum")
-def total(*values: Any) -> int | Decimal | None:
-    """The sum of the values given, ``None`` unless every one is given (a total of some items only
-    would understate the score)."""
-    if not values or any(value is None for value in values):
-        return None
-    result: int | Decimal = 0
-    for value in values:
-        result += value
-    return result
-
-
-@helper("score-quantity", inverse=lambda quantity: quantity.get("value") if isinstance(quantity, dict) else None)
-def score_quantity(value: int | Decimal | None) -> dict[str, Any] | None:
-    """A score as a unitless Quantity (UCUM ``{score}``, https://ucum.org/ucum#section-Curly-Braces)."""
-    if value is None:
-        return None
-    return {"value": value, "unit": "score", "system": "http://unitsofmeasure.org", "code": "{score}"}
 
 
 _XHTML_DIV = '<div xmlns="http://www.w3.org/1999/xhtml">'

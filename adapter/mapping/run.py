@@ -20,12 +20,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
-from importlib import metadata
 from typing import IO, Any
 
 from lxml import etree
 
+from adapter import software_version
 from adapter.errors import InputError
 from adapter.mapping.base import MappedResource
 from adapter.mapping.engine import MappedRecord, Mapper, transaction_entry
@@ -72,11 +71,19 @@ class Summary:
         self.unused.update(result.unused)
         self.defaults.update(item.split("=", 1)[0] for item in result.defaults)
         if result.error is not None:
-            self.rejected += 1
-            if len(self.rejections) < MAX_REJECTIONS:
-                self.rejections.append(Rejection(result.number, result.error.field, result.error.message))
+            self._reject(Rejection(result.number, result.error.field, result.error.message))
         else:
             self.mapped += 1
+
+    def refuse(self, number: int, reason: str) -> None:
+        """A mapped record that its target (the store, a server) then refused."""
+        self.mapped -= 1
+        self._reject(Rejection(number, None, reason))
+
+    def _reject(self, rejection: Rejection) -> None:
+        self.rejected += 1
+        if len(self.rejections) < MAX_REJECTIONS:
+            self.rejections.append(rejection)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -110,14 +117,6 @@ class Batch:
         if self.resources:
             entries.append(transaction_entry(provenance(spec, source, self.resources, recorded)))
         return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-
-
-@cache
-def _version() -> str:
-    try:
-        return metadata.version("sp-fhir-adapter")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def provenance(
@@ -162,7 +161,7 @@ def provenance(
                         }
                     ]
                 },
-                "who": {"display": f"sp-fhir-adapter {_version()}, mapping {spec.name}"},
+                "who": {"display": f"sp-fhir-adapter {software_version()}, mapping {spec.name}"},
             }
         ],
         "entity": [{"role": "source", "what": {"display": source}}],

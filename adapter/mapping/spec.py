@@ -15,9 +15,10 @@ through a run.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import cache
@@ -196,13 +197,6 @@ class MappingSpec:
                         return sub
         raise KeyError(name)
 
-    def all_fields(self) -> Iterator[tuple[str, FieldSpec]]:
-        """Every field by its dotted name (``contacts.date``), groups' sub-fields included."""
-        for spec in self.fields:
-            yield spec.name, spec
-            for sub in spec.fields:
-                yield f"{spec.name}.{sub.name}", sub
-
 
 def mappings_root() -> Path:
     """``mappings/`` of the source tree, or the copy inside the installed wheel."""
@@ -282,7 +276,7 @@ class _Reader:
         resources = tuple(self.resource(spec, key, body) for key, body in (raw.get("resources") or {}).items())
         if build is None and not resources:
             self.fail("", "a spec needs resources (rules) or a build function")
-        spec = MappingSpec(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "resources": resources})
+        spec = dataclasses.replace(spec, resources=resources)
         self.check_references(spec)
         return spec
 

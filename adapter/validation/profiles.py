@@ -440,17 +440,23 @@ class ProfileValidator:
             run.resource(resource, resource.get("resourceType", "Resource"), list(profiles), None)
             issues += run.issues
             if conformance is not None and not any(issue.is_error for issue in issues):
-                # The resource meets its profiles, and so the profiles they derive from: a
-                # reference to it checked later needs no second look.
-                meta = resource.get("meta")
-                declared = meta.get("profile") if isinstance(meta, dict) else None
-                for url in [*(declared if isinstance(declared, list) else ()), *profiles]:
-                    try:
-                        for ancestor in self.profile(url).ancestors:
-                            conformance[(id(resource), ancestor)] = True
-                    except ProfileError:
-                        continue
+                self.remember_valid(resource, profiles, conformance)
         return list(dict.fromkeys(issues))
+
+    def remember_valid(
+        self, resource: dict[str, Any], profiles: Sequence[str], conformance: dict[tuple[int, str], bool]
+    ) -> None:
+        """Record in ``conformance`` that ``resource``, found valid, meets the profiles it declares
+        and ``profiles``, and so the profiles they derive from: a reference to it checked later
+        needs no second look."""
+        meta = resource.get("meta")
+        declared = meta.get("profile") if isinstance(meta, dict) else None
+        for url in [*(declared if isinstance(declared, list) else ()), *profiles]:
+            try:
+                for ancestor in self.profile(url).ancestors:
+                    conformance[(id(resource), ancestor)] = True
+            except ProfileError:
+                continue
 
 
 class _Run:

@@ -23,11 +23,15 @@ from adapter.api.process_message import message_definition
 from adapter.fhir import json_format, xml_format
 from adapter.mapping.ids import deterministic_id, identity
 from adapter.search.query import parse_search
-from adapter.store import OperationResult, Resource, SQLiteStore
+from adapter.store import OperationResult, Resource, ResourceStore, SQLiteStore
 from adapter.validation.bundled import bundled_packages, profiles_dir
 from adapter.validation.profiles import ProfileValidator
 from adapter.validation.structure import StructuralValidator
 from tests.api.conftest import FHIR_JSON, FHIR_XML, outcome_issues, patient
+
+# PostgreSQL fixtures, imported so that pytest finds them (the "as" form marks a re-export).
+from tests.store.conftest import postgres_dsn as postgres_dsn
+from tests.store.conftest import postgres_server as postgres_server
 
 pytestmark = pytest.mark.anyio
 
@@ -404,33 +408,46 @@ async def test_a_retried_cancel_is_a_duplicate_not_a_rule_violation(client: http
     assert issues[0]["code"] == "duplicate"
 
 
-class _TogetherStore(SQLiteStore):
-    """Holds each transaction until two have arrived: both messages are past every check (the reads
-    of the processed-message records included) before either writes, so only the store can tell."""
+class _Together:
+    """A store that holds each transaction until two have arrived: both messages are past every
+    check (the reads of the processed-message records included) before either writes, so only the
+    store can tell."""
 
-    def __init__(self) -> None:
-        super().__init__(":memory:")
+    def __init__(self, inner: ResourceStore) -> None:
+        self.inner = inner
         self.arrived = asyncio.Barrier(2)
 
     async def transaction(self, operations: Any) -> list[OperationResult]:
         await asyncio.wait_for(self.arrived.wait(), timeout=10)
-        return await super().transaction(operations)
+        return await self.inner.transaction(operations)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
-@pytest.fixture
-async def together(profile_validator: ProfileValidator) -> AsyncIterator[tuple[httpx.AsyncClient, SQLiteStore]]:
-    held = _TogetherStore()
-    app = create_app(held, profile_validator=profile_validator)
+@pytest.fixture(params=["sqlite", "postgres"])
+async def together(
+    request: pytest.FixtureRequest, profile_validator: ProfileValidator
+) -> AsyncIterator[tuple[httpx.AsyncClient, ResourceStore]]:
+    """A client over a held store: SQLite, which serialises writers, and PostgreSQL, which locks
+    the fixed ids (a real server the tests start, ``tests/store/pg_server.py``)."""
+    if request.param == "sqlite":
+        inner: ResourceStore = SQLiteStore(":memory:")
+    else:
+        from adapter.store.postgres import PostgresStore
+
+        inner = PostgresStore(request.getfixturevalue("postgres_dsn"))
+    app = create_app(_Together(inner), profile_validator=profile_validator)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            yield client, held
+            yield client, inner
     finally:
-        await held.close()
+        await inner.close()
 
 
 @pytest.mark.parametrize("same_request_id", [True, False])
 async def test_of_two_identical_messages_sent_together_exactly_one_is_processed(
-    together: tuple[httpx.AsyncClient, SQLiteStore], same_request_id: bool
+    together: tuple[httpx.AsyncClient, ResourceStore], same_request_id: bool
 ) -> None:
     client, store = together
     body = message()
@@ -448,7 +465,7 @@ async def test_of_two_identical_messages_sent_together_exactly_one_is_processed(
 
 
 async def test_two_different_messages_creating_one_referral_together_create_it_once(
-    together: tuple[httpx.AsyncClient, SQLiteStore],
+    together: tuple[httpx.AsyncClient, ResourceStore],
 ) -> None:
     client, store = together
     first, second = await asyncio.gather(post(client, message()), post(client, message()))

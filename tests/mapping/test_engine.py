@@ -409,3 +409,20 @@ def test_an_identity_with_search_characters_is_one_value() -> None:
     [criterion] = condition("ServiceRequest", referral.if_none_exist, "ifNoneExist").criteria
     [token] = criterion.values
     assert (token.system, token.code) == ("https://sp-fhir-adapter.org/fhir/Id/referral-id", "REF,1|2&3+4")
+
+
+def test_worker_processes_map_the_records_in_source_order() -> None:
+    import multiprocessing
+
+    rows = [ROW.replace("REF-1", f"REF-{n}") for n in range(450)]
+    data = "\n".join([HEADER, *rows]).encode()
+    alone = [r.resources for b in run(SPEC, io.BytesIO(data), VALIDATOR, Summary("a", "x.csv")) for r in b.records]
+    workers: list[int] = []
+    spread = []
+    for batch in run(SPEC, io.BytesIO(data), VALIDATOR, Summary("a", "x.csv"), processes=2):
+        workers.append(len(multiprocessing.active_children()))
+        spread.extend(record.resources for record in batch.records)
+    assert max(workers) == 2  # the records went through two worker processes
+    assert [[item.resource for item in items] for items in spread] == [
+        [item.resource for item in items] for items in alone
+    ]
