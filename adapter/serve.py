@@ -27,7 +27,11 @@ APP_FACTORY = "adapter.serve:app_factory"
 def build_app(settings: Settings) -> FastAPI:
     """The API over the store of ``settings.database``; the store is closed when the app shuts down,
     and the demo data set is loaded at start-up when ``settings.demo`` is set."""
-    store = open_store(settings.database, sqlite_synchronous=settings.sqlite_synchronous)
+    store = open_store(
+        settings.database,
+        sqlite_synchronous=settings.sqlite_synchronous,
+        postgres_readers=settings.postgres_readers,
+    )
     app = create_app(
         store,
         max_body_bytes=settings.max_body_bytes,
@@ -101,7 +105,11 @@ def _prepare_store(settings: Settings) -> None:
     from adapter.settings import DatabaseURLError, sqlite_path
 
     async def check() -> None:
-        store = open_store(settings.database, sqlite_synchronous=settings.sqlite_synchronous)
+        store = open_store(
+            settings.database,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            postgres_readers=settings.postgres_readers,
+        )
         try:
             if settings.demo:
                 from adapter.demo import load_demo

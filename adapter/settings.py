@@ -9,6 +9,7 @@ This is the only module that reads the environment for configuration (architectu
     SPFHIR_WORKERS         server processes (default 1)
     SPFHIR_MAX_BODY_BYTES  largest accepted request body (default 10 MB)
     SPFHIR_DEMO            load the synthetic demo data set at start-up (default false)
+    SPFHIR_POSTGRES_READERS  pooled PostgreSQL connections per worker for reads and searches (default 4)
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Settings(BaseSettings):
     access_log: bool = False
     #: SQLite durability: NORMAL (default; survives a killed process) or FULL (also a power cut).
     sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    #: PostgreSQL: pooled connections per worker for reads and one-page searches (writes have their own).
+    postgres_readers: int = Field(default=4, ge=1)
     #: How writes treat the profiles a resource declares in meta.profile: enforce (422), warn (log), off.
     profiles: Literal["enforce", "warn", "off"] = "enforce"
     #: Profiles a resource of a type is checked against when it declares none, as JSON:
@@ -88,7 +91,9 @@ def check_database_url(database: str) -> None:
     )
 
 
-def open_store(database: str, *, sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL") -> ResourceStore:
+def open_store(
+    database: str, *, sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL", postgres_readers: int = 4
+) -> ResourceStore:
     """The store for ``database``: :class:`SQLiteStore` for ``sqlite://``, :class:`PostgresStore` for
     ``postgresql://`` (connects on first use). Raises :class:`DatabaseURLError` for anything else."""
     check_database_url(database)
@@ -104,4 +109,4 @@ def open_store(database: str, *, sqlite_synchronous: Literal["NORMAL", "FULL"] =
             raise DatabaseURLError(f"cannot open SQLite database {path!r}: {exc}") from exc
     from adapter.store.postgres import PostgresStore
 
-    return PostgresStore(database)
+    return PostgresStore(database, readers=postgres_readers)

@@ -20,18 +20,22 @@ the next call.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg_pool import AsyncConnectionPool
 
+from adapter.search.query import SearchQuery
 from adapter.store._search_sql import INDEX_SCHEMA
-from adapter.store.base import Resource
-from adapter.store.sql import READ_SQL, SQLStore, _Batch
+from adapter.store.base import Resource, SearchResult
+from adapter.store.sql import READ_SQL, Rows, SQLStore, Steps, _Batch, run_steps_async
 
 __all__ = ["PostgresStore"]
+
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -72,6 +76,14 @@ _CONTENTION = (
 )
 
 
+def _execute_on(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> Callable[[str, Sequence[Any]], Awaitable[Rows]]:
+    async def execute(sql: str, params: Sequence[Any]) -> Rows:
+        cursor = await conn.execute(sql.replace("?", "%s"), params)
+        return await cursor.fetchall()
+
+    return execute
+
+
 class PostgresStore(SQLStore):
     """A :class:`~adapter.store.base.ResourceStore` in one PostgreSQL database (``dsn``: a libpq
     connection string or URI).
@@ -101,11 +113,13 @@ class PostgresStore(SQLStore):
         *,
         clock: Callable[[], datetime] | None = None,
         lock_timeout: float = 5.0,
+        readers: int = 4,
     ) -> None:
         super().__init__(clock, "postgres-store")
         self._dsn = dsn
         self._lock_timeout_ms = max(1, round(lock_timeout * 1000))
-        self._reader: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+        self._reader_count = max(1, readers)
+        self._readers: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] | None = None
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         conn: psycopg.Connection[tuple[Any, ...]] = psycopg.connect(self._dsn, autocommit=True)
@@ -117,22 +131,60 @@ class PostgresStore(SQLStore):
 
         return self._adopt(conn, setup)  # type: ignore[no-any-return]
 
-    async def read(self, type: str, id: str) -> Resource:
-        """Reads go straight from the event loop over an async connection of their own (autocommit,
-        so each sees the latest commit): no hop to the worker thread, and no wait behind a write."""
+    async def _reader_pool(self) -> AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]]:
         if self._closed:
             raise RuntimeError("the store is closed")
-        reader = self._reader
-        if reader is None or reader.closed or reader.broken:
+        if self._readers is None:
             await self._run(lambda: None)  # the worker's connection creates the schema when missing
-            reader = self._reader = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
-        cursor = await reader.execute(READ_SQL.replace("?", "%s"), (type, id))
-        return self._current_resource(await cursor.fetchall(), type, id)
+            pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] = AsyncConnectionPool(
+                self._dsn, min_size=1, max_size=self._reader_count, kwargs={"autocommit": True}, open=False
+            )
+            await pool.open(wait=True)
+            if self._readers is None:
+                self._readers = pool
+            else:  # another task opened one meanwhile
+                await pool.close()
+        return self._readers
+
+    async def _on_reader(self, steps: Callable[[], Steps[_T]]) -> _T:
+        """Run a read (``steps``, see :func:`adapter.store.sql.run_steps`) on a pooled connection.
+        A connection the server dropped while it sat in the pool (a restart, an idle timeout) fails
+        its first statement: the read is run once more on a fresh one; reads change nothing, so
+        running one twice is safe."""
+        for attempt in (1, 2):
+            reader: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+            try:
+                async with (await self._reader_pool()).connection() as reader:
+                    return await run_steps_async(steps(), _execute_on(reader))
+            except psycopg.OperationalError:
+                if attempt == 2 or reader is None or not reader.broken:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def read(self, type: str, id: str) -> Resource:
+        """Reads go straight from the event loop over a small pool of async connections (autocommit,
+        so each sees the latest commit): no hop to the worker thread, no wait behind a write, and
+        concurrent requests overlap their round trips instead of queueing on one connection."""
+
+        def steps() -> Steps[Resource]:
+            return self._current_resource((yield READ_SQL, (type, id)), type, id)
+
+        return await self._on_reader(steps)
+
+    async def search(self, query: SearchQuery) -> SearchResult:
+        """A search that fits on one page runs from the event loop over the reader pool, like a read
+        (the same statements as on the worker thread: :meth:`SQLStore._one_page`); a longer one goes
+        to the worker thread, which saves its result set for the paging links."""
+        if query.count > 0 and not query.summary_count:
+            found = await self._on_reader(lambda: self._one_page(query))
+            if found is not None:
+                return found
+        return await super().search(query)
 
     async def close(self) -> None:
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            await reader.close()
+        readers, self._readers = self._readers, None
+        if readers is not None:
+            await readers.close()
         await super().close()
 
     def _flush(self, batch: _Batch) -> None:
@@ -147,7 +199,16 @@ class PostgresStore(SQLStore):
         return not (conn.closed or conn.broken)
 
     def _begin(self) -> None:
-        self._conn.execute("BEGIN")
+        try:
+            self._conn.execute("BEGIN")
+        except psycopg.OperationalError:
+            if not self._conn.broken:
+                raise
+            # The server dropped the idle connection (a restart, an idle timeout). Nothing had
+            # begun, so the transaction starts on a fresh connection instead of failing the write.
+            self._close_quietly()
+            self._conn = self._connect()
+            self._conn.execute("BEGIN")
 
     def _lock(self, key: str) -> None:
         # Held to the end of the transaction: every other writer of this key waits here.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -58,8 +58,34 @@ from adapter.store.base import (
 __all__ = ["SQLStore"]
 
 _T = TypeVar("_T")
+Rows = list[tuple[Any, ...]]
 #: Runs one statement with its parameters and returns the rows.
-Execute = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
+Execute = Callable[[str, Sequence[Any]], Rows]
+#: Reads written once for both kinds of connection (sans-I/O): the generator yields each statement
+#: with its parameters, is sent back the rows, and returns its result. run_steps drives it on a
+#: blocking connection, run_steps_async on an async one (PostgreSQL's searches from the event loop).
+Steps = Generator[tuple[str, Sequence[Any]], Rows, _T]
+
+
+def run_steps(steps: Steps[_T], execute: Execute) -> _T:
+    """Drive ``steps`` with a blocking ``execute``."""
+    try:
+        statement = next(steps)
+        while True:
+            statement = steps.send(execute(*statement))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def run_steps_async(steps: Steps[_T], execute: Callable[[str, Sequence[Any]], Awaitable[Rows]]) -> _T:
+    """Drive ``steps`` with an async ``execute``."""
+    try:
+        statement = next(steps)
+        while True:
+            statement = steps.send(await execute(*statement))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
 
 #: The current version of one resource: (version, deleted, json).
 READ_SQL = "SELECT version, deleted, json FROM resources WHERE type = ? AND id = ?"
@@ -298,14 +324,24 @@ class SQLStore:
         resource: Resource = loads(rows[0][1])
         return resource
 
-    def _resources(self, type: str, ids: Sequence[str], execute: Execute | None = None) -> list[Resource]:
+    def _resources(self, type: str, ids: Sequence[str]) -> list[Resource]:
         """The current versions of ``ids`` of ``type``, in that order, leaving out deleted ones."""
+        return run_steps(self._resource_steps(type, ids), self._execute)
+
+    @staticmethod
+    def _resource_steps(type: str, ids: Sequence[str]) -> Steps[list[Resource]]:
         found: dict[str, str] = {}
         for start in range(0, len(ids), _CHUNK):
             chunk = list(ids[start : start + _CHUNK])
             marks = ", ".join("?" * len(chunk))
-            sql = f"SELECT id, json FROM resources WHERE type = ? AND NOT deleted AND id IN ({marks})"
-            found.update((row[0], row[1]) for row in (execute or self._execute)(sql, [type, *chunk]))
+            rows = yield (
+                f"SELECT id, json FROM resources WHERE type = ? AND NOT deleted AND id IN ({marks})",
+                [
+                    type,
+                    *chunk,
+                ],
+            )
+            found.update((row[0], row[1]) for row in rows)
         return [loads(found[id]) for id in ids if id in found]
 
     # -- search ----------------------------------------------------------------------------------
@@ -314,7 +350,7 @@ class SQLStore:
         if query.summary_count:
             sql, params = count_sql(query)
             return SearchResult(query, int(self._execute(sql, params)[0][0]), [], [])
-        found = self._one_page(query, self._execute)
+        found = run_steps(self._one_page(query), self._execute)
         if found is not None:
             return found
         sql, params = search_sql(query)
@@ -322,18 +358,17 @@ class SQLStore:
         search_id = self._save_search(query, ids) if 0 < query.count < len(ids) else None
         return self._page(query, ids, 0, search_id)
 
-    def _one_page(self, query: SearchQuery, execute: Execute) -> SearchResult | None:
+    def _one_page(self, query: SearchQuery) -> Steps[SearchResult | None]:
         """The answer to a search that fits on one page, from one statement (the page and the
         total); None when it does not fit (its result set must then be saved for paging)."""
         if query.count <= 0 or query.summary_count:
             return None
-        sql, params = search_sql(query, first_page=True)
-        rows = execute(sql, params)
+        rows = yield search_sql(query, first_page=True)
         total = int(rows[0][2]) if rows else 0
         if total > query.count:
             return None
         resources = [loads(row[1]) for row in rows]
-        return SearchResult(query, total, resources, self._included(query, resources, execute))
+        return SearchResult(query, total, resources, (yield from self._included(query, resources)))
 
     def _save_search(self, query: SearchQuery, ids: list[str]) -> str:
         """Keep the ordered result set for its paging links; drop expired ones."""
@@ -362,13 +397,13 @@ class SQLStore:
 
     def _page(self, query: SearchQuery, ids: list[str], offset: int, search_id: str | None) -> SearchResult:
         resources = self._resources(query.type, ids[offset : offset + query.count])
-        return SearchResult(query, len(ids), resources, self._included(query, resources), offset, search_id)
+        included = run_steps(self._included(query, resources), self._execute)
+        return SearchResult(query, len(ids), resources, included, offset, search_id)
 
-    def _included(self, query: SearchQuery, page: list[Resource], execute: Execute | None = None) -> list[Resource]:
+    def _included(self, query: SearchQuery, page: list[Resource]) -> Steps[list[Resource]]:
         """What ``_include`` and ``_revinclude`` add to a page (https://hl7.org/fhir/R4/search.html#include)."""
         if not page or not (query.includes or query.revincludes):
             return []
-        run = execute or self._execute
         seen = {(query.type, resource["id"]) for resource in page}
         page_ids = [resource["id"] for resource in page]
         wanted: dict[str, list[str]] = {}
@@ -382,7 +417,7 @@ class SQLStore:
             if include.target is not None:
                 sql += " AND target_type = ?"
                 params.append(include.target)
-            for target_type, target_id in run(sql, params):
+            for target_type, target_id in (yield sql, params):
                 wanted.setdefault(target_type, []).append(target_id)
         for include in query.revincludes:
             if include.target is not None and include.target != query.type:
@@ -392,13 +427,13 @@ class SQLStore:
                 "SELECT DISTINCT id FROM sp_reference WHERE type = ? AND param = ? AND target_type = ?"
                 f" AND target_id IN ({marks})"
             )
-            rows = run(sql, [include.source, include.param, query.type, *page_ids])
+            rows = yield sql, [include.source, include.param, query.type, *page_ids]
             wanted.setdefault(include.source, []).extend(row[0] for row in rows)
         included: list[Resource] = []
         for type, ids in wanted.items():
             fresh = [id for id in dict.fromkeys(ids) if (type, id) not in seen]
             seen.update((type, id) for id in fresh)
-            included += self._resources(type, fresh, run)
+            included += yield from self._resource_steps(type, fresh)
         return included
 
     def _match(self, query: SearchQuery) -> list[str]:
@@ -407,6 +442,9 @@ class SQLStore:
         return [row[0] for row in self._execute(sql + " LIMIT 2", params)]
 
     # -- writes ----------------------------------------------------------------------------------
+
+    def _committed(self) -> None:
+        """Called after each write transaction commits (the SQLite store schedules a checkpoint)."""
 
     def _rollback(self) -> None:
         try:
@@ -434,6 +472,7 @@ class SQLStore:
                     results.append(self._apply(plan, now, mapping, batch))
             self._flush(batch)
             self._execute("COMMIT")
+            self._committed()
         except BaseException as exc:
             self._rollback()
             if self._contention(exc):

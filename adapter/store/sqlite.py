@@ -11,11 +11,21 @@ committed one survives the process being killed, but the last commits before a p
 crash may be rolled back; ``FULL`` also survives those, at the cost of an fsync per commit (about
 half the create throughput on this machine, docs/benchmarks.md) (https://www.sqlite.org/wal.html,
 https://www.sqlite.org/pragma.html#pragma_synchronous).
+
+Checkpoints. Copying the WAL back into the database file (a checkpoint) normally happens inside the
+COMMIT that takes the WAL past 1,000 pages, so every tenth or so write paid several milliseconds for
+it. A file store checkpoints on a thread of its own instead, shortly after writes, with a PASSIVE
+checkpoint on its own connection, which never blocks the writer or readers
+(https://www.sqlite.org/wal.html#ckpt, https://www.sqlite.org/c3ref/wal_checkpoint_v2.html). The
+writer's own automatic checkpoint stays on, at a higher mark, in case that thread falls behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -25,9 +35,54 @@ from adapter.errors import Conflict
 from adapter.search.query import SearchQuery
 from adapter.store._search_sql import INDEX_SCHEMA
 from adapter.store.base import Resource, SearchResult
-from adapter.store.sql import READ_SQL, SQLStore
+from adapter.store.sql import READ_SQL, SQLStore, run_steps
 
 __all__ = ["SQLiteStore"]
+
+#: WAL pages after which the writer checkpoints by itself (SQLite's default is 1,000): reached only
+#: when the checkpoint thread falls behind.
+_WRITER_CHECKPOINT_PAGES = 10_000
+#: Size the WAL file is cut back to after a checkpoint empties it.
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+
+class _Checkpointer:
+    """Checkpoints a WAL database on a daemon thread, soon after each :meth:`wake`."""
+
+    #: Writes that come close together share one checkpoint.
+    delay = 0.05
+
+    def __init__(self, path: str, busy_timeout: float) -> None:
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._wanted = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wanted.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wanted.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
+        try:
+            while True:
+                self._wanted.wait()
+                if self._stopping:
+                    return
+                self._wanted.clear()
+                time.sleep(self.delay)
+                # Busy, or the file went away: the writer's own checkpoint remains.
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        finally:
+            conn.close()
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -76,6 +131,7 @@ class SQLiteStore(SQLStore):
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
         self._reader: sqlite3.Connection | None = None
+        self._checkpointer: _Checkpointer | None = None
         try:
             self._executor.submit(self._call, lambda: None).result()
         except BaseException:
@@ -88,6 +144,10 @@ class SQLiteStore(SQLStore):
         try:
             if self._path != ":memory:":
                 conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA wal_autocheckpoint={_WRITER_CHECKPOINT_PAGES}")
+                conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+                if self._checkpointer is None:
+                    self._checkpointer = _Checkpointer(self._path, self._busy_timeout)
             conn.execute(f"PRAGMA synchronous={'FULL' if self._synchronous == 'FULL' else 'NORMAL'}")
             # executescript commits first, so it runs before the store's write transaction.
             conn.executescript(_SCHEMA + INDEX_SCHEMA)
@@ -110,7 +170,7 @@ class SQLiteStore(SQLStore):
         goes to the worker thread, which saves its result set for the paging links."""
         reader = self._read_connection()
         if reader is not None:
-            found = self._one_page(query, lambda sql, params: reader.execute(sql, params).fetchall())
+            found = run_steps(self._one_page(query), lambda sql, params: reader.execute(sql, params).fetchall())
             if found is not None:
                 return found
         return await super().search(query)
@@ -131,7 +191,14 @@ class SQLiteStore(SQLStore):
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         await super().close()
+
+    def _committed(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.wake()
 
     def _begin(self) -> None:
         try:

@@ -18,7 +18,9 @@ pytest.importorskip("psycopg", reason="psycopg is not installed")
 import psycopg
 
 from adapter.store import Conflict, Gone, NotFound, VersionConflict
+from adapter.search.query import parse_search
 from adapter.store.postgres import PostgresStore
+from adapter.store.sql import Steps
 from tests.store import killed_writer
 
 pytestmark = pytest.mark.anyio
@@ -179,3 +181,41 @@ async def test_a_writer_killed_mid_transaction_leaves_all_or_nothing(postgres_ds
 
     async with PostgresStore(postgres_dsn) as store:
         await killed_writer.check_all_or_nothing(store, before, killed)
+
+
+async def test_reads_overlap_on_a_pool_of_connections(postgres_dsn: str) -> None:
+    async with PostgresStore(postgres_dsn, readers=3) as store:
+        patient = await store.create({"resourceType": "Patient", "gender": "female"})
+
+        def slow_read() -> Steps[int]:
+            # A read that holds its pooled connection for 0.4 s, as a slow query would.
+            rows = yield "SELECT count(*) FROM pg_sleep(0.4), resources WHERE id = ?", [patient["id"]]
+            return int(rows[0][0])
+
+        started = time.monotonic()
+        found = await asyncio.gather(*(store._on_reader(slow_read) for _ in range(3)))
+        elapsed = time.monotonic() - started
+        assert found == [1, 1, 1]
+        # One connection would take 1.2 s; three overlap.
+        assert elapsed < 1.0, elapsed
+        searched = await store.search(parse_search("Patient", [("gender", "female")]))
+        assert [resource["id"] for resource in searched.resources] == [patient["id"]]
+
+
+async def test_a_reader_connection_the_server_dropped_is_replaced(postgres_dsn: str) -> None:
+    async with PostgresStore(postgres_dsn) as store:
+        patient = await store.create({"resourceType": "Patient", "gender": "male"})
+        assert (await store.read("Patient", patient["id"]))["gender"] == "male"
+        with psycopg.connect(postgres_dsn, autocommit=True) as raw:
+            # Every other session of this database goes, the pooled readers among them (as after
+            # a server restart or an idle timeout); the worker's own connection is dropped too.
+            raw.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        time.sleep(0.2)
+        assert (await store.read("Patient", patient["id"]))["gender"] == "male"
+        found = await store.search(parse_search("Patient", [("gender", "male")]))
+        assert [resource["id"] for resource in found.resources] == [patient["id"]]
+        # And writes still work: the worker replaces its connection on the next call.
+        assert (await store.create({"resourceType": "Patient"}))["meta"]["versionId"] == "1"

@@ -141,3 +141,25 @@ async def test_a_database_without_a_current_index_is_reindexed_on_open(tmp_path:
 async def test_the_durability_level_is_the_one_asked_for(tmp_path: Path, synchronous: Any, level: int) -> None:
     async with SQLiteStore(tmp_path / "s.db", synchronous=synchronous) as store:
         assert await store._run(lambda: store._conn.execute("PRAGMA synchronous").fetchone()[0]) == level
+
+
+async def test_writes_are_checkpointed_off_the_write_path(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    async with SQLiteStore(path) as store:
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("PRAGMA wal_autocheckpoint").fetchone() == (1000,)  # a fresh connection's default
+        before = path.stat().st_size
+        for number in range(30):
+            await store.create({"resourceType": "Patient", "id": f"p{number}", "gender": "other"})
+        # Far below the writer's own checkpoint mark (and SQLite's default 1,000 pages): only the
+        # checkpoint thread can have copied these commits from the WAL into the database file.
+        for _ in range(100):
+            if path.stat().st_size > before:
+                break
+            await asyncio.sleep(0.02)
+        assert path.stat().st_size > before
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as raw:
+            assert raw.execute("SELECT count(*) FROM resources").fetchone() == (30,)
+        assert any(thread.name == "sqlite-checkpoint" for thread in threading.enumerate())
+    # Closing stops the thread.
+    assert not any(thread.name == "sqlite-checkpoint" for thread in threading.enumerate())
