@@ -16,7 +16,6 @@ unknown mapping, unreadable input) is a 400.
 
 from __future__ import annotations
 
-import asyncio
 import io
 from typing import Any
 
@@ -46,7 +45,7 @@ _MEDIA_FORMATS: dict[str, SourceFormat] = {
     "text/xml": "xml",
 }
 _FORMATS = ("csv", "json", "ndjson", "xml")
-#: Records whose transactions are in flight at once: the store commits them together.
+#: Records stored at a time: each in its own transaction, committed together (one commit per window).
 _WINDOW = 64
 
 
@@ -70,12 +69,23 @@ def _map(
 
 
 async def _store(
-    store: ResourceStore, record: MappedRecord
-) -> tuple[MappedRecord, AdapterError | None, list[OperationResult]]:
+    store: ResourceStore, records: list[MappedRecord]
+) -> list[tuple[MappedRecord, AdapterError | None, list[OperationResult]]]:
+    """Store each record in a transaction of its own; the store commits the window's together."""
     try:
-        return record, None, await store.transaction(_operations(record))
-    except AdapterError as exc:
-        return record, exc, []
+        outcomes = await store.transactions([_operations(record) for record in records])
+    except AdapterError:
+        # The shared commit failed as a whole (another writer held the store): each on its own.
+        outcomes = []
+        for record in records:
+            try:
+                outcomes.append(await store.transaction(_operations(record)))
+            except AdapterError as exc:
+                outcomes.append(exc)
+    return [
+        (record, outcome, []) if isinstance(outcome, AdapterError) else (record, None, outcome)
+        for record, outcome in zip(records, outcomes, strict=True)
+    ]
 
 
 def _outcome(summary: Summary, created: int, stored: int) -> dict[str, Any]:
@@ -151,7 +161,7 @@ async def ingest(request: Request) -> Response:
     mapped = [record for record in records if record.error is None and record.resources]
     for start in range(0, len(mapped), _WINDOW):
         window = mapped[start : start + _WINDOW]
-        for record, error, results in await asyncio.gather(*(_store(found.store, record) for record in window)):
+        for record, error, results in await _store(found.store, window):
             if error is None:
                 created += sum(1 for result in results if result.created and not result.matched)
                 stored_records += 1

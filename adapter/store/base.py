@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from adapter.errors import Conflict, Gone, NotFound, VersionConflict
+from adapter.errors import AdapterError, Conflict, Gone, NotFound, VersionConflict
 from adapter.search.query import SearchQuery
 
 __all__ = [
@@ -210,6 +210,15 @@ class ResourceStore(Protocol):
         resources, or a conditional create that matches several, raises :class:`VersionConflict`
         (412, https://hl7.org/fhir/R4/http.html#cond-update).
         See: https://hl7.org/fhir/R4/http.html#transaction
+        """
+        ...
+
+    async def transactions(self, groups: Sequence[Sequence[Operation]]) -> list[list[OperationResult] | AdapterError]:
+        """Apply several independent transactions at once: each group all or nothing on its own, as
+        :meth:`transaction` would, and all committed together (one commit, instead of one per group,
+        for bulk loads such as ``$ingest``). A group that fails with an :class:`AdapterError` is
+        rolled back alone and its error is its result; any other error rolls back every group and
+        is raised. Groups see the changes of the groups before them.
         """
         ...
 

@@ -285,6 +285,9 @@ class SQLStore:
     async def transaction(self, operations: Sequence[Operation]) -> list[OperationResult]:
         return await self._run(self._write, list(operations))
 
+    async def transactions(self, groups: Sequence[Sequence[Operation]]) -> list[list[OperationResult] | AdapterError]:
+        return await self._run(self._write_groups, [list(group) for group in groups])
+
     async def search(self, query: SearchQuery) -> SearchResult:
         return await self._run(self._search, query)
 
@@ -457,20 +460,7 @@ class SQLStore:
         now = self._now()
         self._begin()
         try:
-            seen: set[tuple[str, str]] = set()
-            plans: list[_Plan] = []
-            for index, operation in enumerate(operations):
-                with _blame(index):
-                    plans.append(self._plan(operation, seen))
-            mapping = {
-                plan.operation.full_url: f"{plan.operation.type}/{plan.id}" for plan in plans if plan.operation.full_url
-            }
-            results: list[OperationResult] = []
-            batch = _Batch()
-            for index, plan in enumerate(plans):
-                with _blame(index):
-                    results.append(self._apply(plan, now, mapping, batch))
-            self._flush(batch)
+            results = self._apply_all(operations, now)
             self._execute("COMMIT")
             self._committed()
         except BaseException as exc:
@@ -478,6 +468,48 @@ class SQLStore:
             if self._contention(exc):
                 raise Conflict(f"the change clashed with another writer: {exc}") from exc
             raise
+        return results
+
+    def _write_groups(self, groups: list[list[Operation]]) -> list[list[OperationResult] | AdapterError]:
+        """Apply each group all or nothing, in one database transaction with a savepoint per group:
+        a group that fails is rolled back to its savepoint and the others go on."""
+        now = self._now()
+        self._begin()
+        outcomes: list[list[OperationResult] | AdapterError] = []
+        try:
+            for group in groups:
+                self._execute("SAVEPOINT spfhir_group")
+                try:
+                    outcomes.append(self._apply_all(group, now))
+                except AdapterError as exc:
+                    self._execute("ROLLBACK TO SAVEPOINT spfhir_group")
+                    outcomes.append(exc)
+                self._execute("RELEASE SAVEPOINT spfhir_group")
+            self._execute("COMMIT")
+            self._committed()
+        except BaseException as exc:
+            self._rollback()
+            if self._contention(exc):
+                raise Conflict(f"the change clashed with another writer: {exc}") from exc
+            raise
+        return outcomes
+
+    def _apply_all(self, operations: list[Operation], now: str) -> list[OperationResult]:
+        """Plan and write ``operations`` inside the open transaction (see :meth:`ResourceStore.transaction`)."""
+        seen: set[tuple[str, str]] = set()
+        plans: list[_Plan] = []
+        for index, operation in enumerate(operations):
+            with _blame(index):
+                plans.append(self._plan(operation, seen))
+        mapping = {
+            plan.operation.full_url: f"{plan.operation.type}/{plan.id}" for plan in plans if plan.operation.full_url
+        }
+        results: list[OperationResult] = []
+        batch = _Batch()
+        for index, plan in enumerate(plans):
+            with _blame(index):
+                results.append(self._apply(plan, now, mapping, batch))
+        self._flush(batch)
         return results
 
     def _current(self, type: str, id: str) -> tuple[int, bool, str | None] | None:

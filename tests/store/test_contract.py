@@ -16,6 +16,7 @@ import pytest
 
 from adapter.errors import InputError
 from adapter.fhir.json_format import dumps
+from adapter.search.query import parse_search
 from adapter.store import Conflict, Gone, NotFound, Operation, ResourceStore, VersionConflict
 
 pytestmark = pytest.mark.anyio
@@ -278,6 +279,34 @@ async def test_transaction_with_one_resource_twice_fails_whole(store: ResourceSt
     assert error.value.status == 409
     with pytest.raises(NotFound):
         await store.read("Patient", "twice")
+
+
+async def test_transactions_each_group_all_or_nothing_committed_together(store: ResourceStore) -> None:
+    existing = await store.create(patient())
+    same = parse_search("Patient", [("identifier", "https://fhir.nhs.uk/Id/nhs-number|9990000018")])
+    nhs = [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9990000018"}]
+
+    outcomes = await store.transactions(
+        [
+            [Operation.create(patient("First", identifier=nhs), if_none_exist=same), Operation.create(observation())],
+            # Fails on its second operation: its first is rolled back with it, and only it.
+            [Operation.create(observation()), Operation.update(existing, if_match="7")],
+            # Sees the first group's Patient: the condition matches and nothing is created.
+            [Operation.create(patient("Again", identifier=nhs), if_none_exist=same)],
+            [Operation.update({**existing, "active": True}, if_match="1")],
+        ]
+    )
+
+    first, failed, again, updated = outcomes
+    assert not isinstance(first, Exception) and [r.created for r in first] == [True, True]
+    assert isinstance(failed, VersionConflict) and failed.operation == 1
+    assert not isinstance(again, Exception) and again[0].matched and again[0].id == first[0].id
+    assert not isinstance(updated, Exception) and updated[0].version_id == "2"
+    assert [r.id for r in await store.history("Observation")] == [first[1].id]
+    assert len(await store.history("Patient")) == 3  # existing v1 and v2, and the first group's
+    # One commit: every change made by the call carries one instant.
+    assert first[0].resource is not None and updated[0].resource is not None
+    assert first[0].resource["meta"]["lastUpdated"] == updated[0].resource["meta"]["lastUpdated"]
 
 
 async def test_concurrent_updates_with_the_same_if_match_one_wins(store: ResourceStore) -> None:

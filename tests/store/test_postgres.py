@@ -17,8 +17,8 @@ pytest.importorskip("psycopg", reason="psycopg is not installed")
 
 import psycopg
 
-from adapter.store import Conflict, Gone, NotFound, VersionConflict
 from adapter.search.query import parse_search
+from adapter.store import Conflict, Gone, NotFound, VersionConflict
 from adapter.store.postgres import PostgresStore
 from adapter.store.sql import Steps
 from tests.store import killed_writer
