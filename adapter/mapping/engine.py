@@ -13,10 +13,10 @@ a dict value is merged into what is already there, so several rules can build on
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -32,7 +32,22 @@ from adapter.validation.profiles import ProfileValidator
 __all__ = ["MappedRecord", "Mapper", "references_to_ids", "transaction_entry"]
 
 _TEMPLATE = re.compile(r"{([A-Za-z_][A-Za-z0-9_.]*)}")
-_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """A template cut once into its text and its ``{name}`` parts: ``literals`` has one more item
+    than ``names``; ``heads`` are the fields the names are of (``contacts`` for ``contacts.date``)."""
+
+    literals: tuple[str, ...]
+    names: tuple[str, ...]
+    heads: tuple[str, ...]
+
+    @staticmethod
+    def of(template: str) -> _Template:
+        parts = _TEMPLATE.split(template)
+        names = tuple(parts[1::2])
+        return _Template(tuple(parts[0::2]), names, tuple(name.partition(".")[0] for name in names))
 
 
 @dataclass(slots=True)
@@ -53,58 +68,109 @@ def _lookup_value(spec: MappingSpec, name: str, value: Any) -> Any:
     return next(iter(row.values())) if len(spec.lookups[name].columns) == 1 else dict(row)
 
 
+@lru_cache(maxsize=4096)
+def _identified(type: str, system: str, value: str) -> tuple[str, str]:
+    """The id and the business identity of the ``type`` resource with this identifier. Cached
+    (bounded): the same practices, practitioners and services come in record after record."""
+    condition = identity(system, value)
+    return deterministic_id(type, condition), condition
+
+
+def _copied(value: Any) -> Any:
+    """A copy of the JSON-like ``value`` (objects and arrays copied, the rest immutable): what is put
+    in a resource must not be shared with a spec constant, a record's values or another resource,
+    as later rules add to it. Much cheaper than copy.deepcopy."""
+    if isinstance(value, dict):
+        return {key: _copied(item) if isinstance(item, dict | list) else item for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copied(item) if isinstance(item, dict | list) else item for item in value]
+    return value
+
+
 def _merge(target: dict[str, Any], name: str, value: Any) -> None:
     current = target.get(name)
     if isinstance(current, dict) and isinstance(value, dict):
-        current.update(copy.deepcopy(value))
+        current.update(value)
     else:
-        target[name] = copy.deepcopy(value) if isinstance(value, dict | list) else value
+        target[name] = value
 
 
 def _put(node: dict[str, Any], path: Sequence[Step], value: Any) -> None:
-    """Put ``value`` at ``path`` under ``node``; ``[*]`` steps take one value per element."""
-    step, rest = path[0], path[1:]
-    if step.index is None:
-        if not rest:
-            _merge(node, step.name, value)
+    """Put ``value`` at ``path`` under ``node``; ``[*]`` steps take one value per element. The value
+    is the resource's own (``Mapper._value``), so it is put without a copy."""
+    last = len(path) - 1
+    for depth, step in enumerate(path):
+        if step.index is None:
+            if depth == last:
+                _merge(node, step.name, value)
+                return
+            node = node.setdefault(step.name, {})
+            continue
+        items: list[Any] = node.setdefault(step.name, [])
+        if step.index == -1:
+            rest = path[depth + 1 :]
+            for index, item in enumerate(value):
+                if item is None:
+                    continue
+                while len(items) <= index:
+                    items.append({})
+                if rest:
+                    _put(items[index], rest, item)
+                elif isinstance(item, dict) and isinstance(items[index], dict):
+                    items[index].update(item)
+                else:
+                    items[index] = item
             return
-        child = node.setdefault(step.name, {})
-        _put(child, rest, value)
-        return
-    items: list[Any] = node.setdefault(step.name, [])
-    if step.index == -1:
-        for index, item in enumerate(value):
-            if item is None:
-                continue
-            while len(items) <= index:
-                items.append({})
-            if rest:
-                _put(items[index], rest, item)
-            elif isinstance(item, dict) and isinstance(items[index], dict):
-                items[index].update(copy.deepcopy(item))
+        while len(items) <= step.index:
+            items.append({})
+        if depth == last:
+            if isinstance(value, dict) and isinstance(items[step.index], dict):
+                items[step.index].update(value)
             else:
-                items[index] = copy.deepcopy(item) if isinstance(item, list) else item
-        return
-    while len(items) <= step.index:
-        items.append({})
-    if not rest:
-        if isinstance(value, dict) and isinstance(items[step.index], dict):
-            items[step.index].update(copy.deepcopy(value))
+                items[step.index] = value
+            return
+        node = items[step.index]
+
+
+def _prune(node: dict[str, Any], found: set[str]) -> bool:
+    """Remove from ``node`` (in place) the empty objects, lists and strings and the nulls left by
+    rules that found nothing; collect the ids of its ``urn:uuid:`` references into ``found`` on the
+    way (as :func:`_references` would). False when nothing is left."""
+    empty: list[str] = []
+    for key, item in node.items():
+        # Scalars are tested here, not in a call: most of a resource's values are.
+        if isinstance(item, dict):
+            kept = _prune(item, found)
+        elif isinstance(item, list):
+            kept = _prune_items(item, found)
         else:
-            items[step.index] = copy.deepcopy(value) if isinstance(value, list) else value
-        return
-    _put(items[step.index], rest, value)
+            kept = item is not None and item != ""
+        if not kept:
+            empty.append(key)
+    for key in empty:
+        del node[key]
+    reference = node.get("reference")
+    if isinstance(reference, str) and reference.startswith("urn:uuid:"):
+        found.add(reference[9:])
+    return bool(node)
 
 
-def _pruned(value: Any) -> Any:
-    """``value`` without empty objects and lists (left by rules that found nothing), or _MISSING."""
-    if isinstance(value, dict):
-        kept = {key: item for key, item in ((k, _pruned(v)) for k, v in value.items()) if item is not _MISSING}
-        return kept if kept else _MISSING
-    if isinstance(value, list):
-        items = [item for item in (_pruned(v) for v in value) if item is not _MISSING]
-        return items if items else _MISSING
-    return _MISSING if value is None or value == "" else value
+def _prune_items(items: list[Any], found: set[str]) -> bool:
+    """:func:`_prune` for a list: its empty items removed (in place)."""
+    kept = [
+        item
+        for item in items
+        if (
+            _prune(item, found)
+            if isinstance(item, dict)
+            else _prune_items(item, found)
+            if isinstance(item, list)
+            else item is not None and item != ""
+        )
+    ]
+    if len(kept) < len(items):
+        items[:] = kept
+    return bool(items)
 
 
 def _references(value: Any, found: set[str]) -> set[str]:
@@ -121,9 +187,12 @@ def _references(value: Any, found: set[str]) -> set[str]:
     return found
 
 
-def _referenced_first(resources: list[MappedResource]) -> list[MappedResource]:
+def _referenced_first(
+    resources: list[MappedResource], known: dict[str, set[str]] | None = None
+) -> list[MappedResource]:
     """The resources ordered so that each comes after the ones it refers to (cycles broken in input
-    order): a reference is then checked against a target already known to be valid."""
+    order): a reference is then checked against a target already known to be valid. ``known``: the
+    references of resources by id, where the engine collected them while building."""
     by_id = {item.resource["id"]: item for item in resources}
     ordered: list[MappedResource] = []
     state: dict[str, int] = {}
@@ -133,7 +202,8 @@ def _referenced_first(resources: list[MappedResource]) -> list[MappedResource]:
         if state.get(id):
             return
         state[id] = 1
-        for target in sorted(_references(item.resource, set())):
+        found = known.get(id) if known is not None else None
+        for target in sorted(found if found is not None else _references(item.resource, set())):
             if target in by_id:
                 visit(by_id[target])
         state[id] = 2
@@ -207,6 +277,17 @@ class Mapper:
             for resource in spec.resources
             for rule in resource.rules
         }
+        # Each resource's rules, with whether they repeat ([*]): worked out once, not per record.
+        self._rules: dict[str, tuple[tuple[RuleSpec, bool], ...]] = {
+            resource.key: tuple((rule, rule.repeats) for rule in resource.rules) for resource in spec.resources
+        }
+        # Its templates (identities and rules) cut into parts once: they are filled for every record.
+        self._templates: dict[str, _Template] = {
+            template: _Template.of(template)
+            for resource in spec.resources
+            for template in (resource.identity, *(rule.template for rule in resource.rules))
+            if template is not None
+        }
 
     # -- one record ------------------------------------------------------------------------
 
@@ -219,15 +300,17 @@ class Mapper:
                     raise MappingError("the record is not a JSON object", record=raw.number)
                 mapped = self.spec.build(raw.data)
                 result.unused, result.defaults = list(mapped.unused), list(mapped.defaults)
+                references = None
             else:
                 record = extract(self.spec, raw)
                 result.unused, result.defaults = record.unused, record.defaults
-                mapped = self.build(record)
+                mapped, references = self._build(record)
                 result.unused += mapped.unused
             targets = {f"urn:uuid:{item.resource.get('id')}": item.resource for item in mapped.resources}
             conformance: dict[tuple[int, str], bool] = {}
-            for item in _referenced_first(mapped.resources):
-                self._validate(item, raw.number, targets, conformance)
+            for item in _referenced_first(mapped.resources, references):
+                found = references.get(item.resource["id"]) if references is not None else None
+                self._validate(item, raw.number, targets, conformance, refers=bool(found))
             result.resources = mapped.resources
         except MappingError as exc:
             if exc.record is None:
@@ -241,13 +324,16 @@ class Mapper:
         number: int,
         targets: dict[str, dict[str, Any]],
         conformance: dict[tuple[int, str], bool],
+        refers: bool = False,
     ) -> None:
         resource = item.resource
-        key = orjson.dumps(resource, option=orjson.OPT_SORT_KEYS, default=str)
         # What a reference must resolve to (a profile discriminator) may differ between records,
-        # so only resources without references are checked once for all.
-        shared = b'"urn:uuid:' not in key
-        if shared and key in self._checked:
+        # so only resources without references are checked once for all, by their JSON as key
+        # (None: not shared; ``refers``: the resource is known to have a reference).
+        key = None if refers else orjson.dumps(resource, option=orjson.OPT_SORT_KEYS, default=str)
+        if key is not None and b'"urn:uuid:' in key:
+            key = None
+        if key is not None and key in self._checked:
             problem = self._checked[key]
             if problem is None and isinstance(self.validator, ProfileValidator):
                 # Valid, as an identical resource of an earlier record was: the references to it
@@ -266,7 +352,7 @@ class Mapper:
                 ),
                 None,
             )
-            if shared:
+            if key is not None:
                 if len(self._checked) >= 10_000:  # bounded memory on long runs
                     self._checked.clear()
                 self._checked[key] = problem
@@ -282,6 +368,11 @@ class Mapper:
 
     def build(self, record: Record) -> Mapped:
         """The resources the spec's rules make of ``record`` (not yet validated)."""
+        return self._build(record)[0]
+
+    def _build(self, record: Record) -> tuple[Mapped, dict[str, set[str]]]:
+        """:meth:`build`, and the ``urn:uuid:`` references of each resource by id (found while
+        pruning it: no second walk of the resource)."""
         spec = self.spec
         values = record.values
         ids: dict[str, tuple[str, str, str | None]] = {}  # key -> (type, id, identity)
@@ -304,19 +395,29 @@ class Mapper:
         # References to a for_each resource: one per group item, None where the item gives none.
         listed = {key: [None if item is None else item[1][1] for item in items] for key, items in each.items()}
         used: set[str] = set()
-        mapped = Mapped()
+        built: list[tuple[MappedResource, set[str]]] = []
         for resource in spec.resources:
             if resource.for_each is not None:
                 for entry in each[resource.key]:
                     if entry is not None:
-                        mapped.resources.append(self._resource(resource, entry[0], entry[1], ids, used, listed))
+                        built.append(self._resource(resource, entry[0], entry[1], ids, used, listed))
             elif resource.key in ids:
-                mapped.resources.append(self._resource(resource, values, ids[resource.key], ids, used, listed))
-        mapped.resources = _merged(mapped.resources)
+                built.append(self._resource(resource, values, ids[resource.key], ids, used, listed))
+        mapped = Mapped(resources=_merged([item for item, _ in built]))
+        references: dict[str, set[str]] = {}
+        merged: set[str] = set()
+        for item, found in built:
+            id = item.resource["id"]
+            if id in references:
+                merged.add(id)
+            references[id] = found
+        for id in merged:
+            # Filled from another resource of the same id (_merged): its references are looked for again.
+            del references[id]
         for name, value in values.items():
             if name not in used and value not in (None, [], ""):
                 mapped.unused.append(name)
-        return mapped
+        return mapped, references
 
     def _applies(self, when: str | None, values: dict[str, Any]) -> bool:
         if when is None:
@@ -329,33 +430,33 @@ class Mapper:
         return value is not None and value != [] and value is not False
 
     def _render(self, template: str, values: dict[str, Any], used: set[str] | None = None) -> str | None:
+        """``template`` with each ``{name}`` replaced by that field's value, else that constant; None
+        when a name has neither."""
+        parts = self._templates[template]
+        constants = self.spec.constants
+        text = [parts.literals[0]]
         missing = False
-
-        def one(match: re.Match[str]) -> str:
-            nonlocal missing
-            name = match.group(1)
-            if name in values and values[name] is not None:
+        for name, head, literal in zip(parts.names, parts.heads, parts.literals[1:], strict=True):
+            value = values.get(name)
+            if value is not None:
                 if used is not None:
-                    used.add(name.split(".")[0])
-                value = values[name]
-                return str(value).lower() if isinstance(value, bool) else str(value)
-            if name in self.spec.constants:
-                return self.spec.constants[name]
-            missing = True
-            return ""
-
-        text = _TEMPLATE.sub(one, template)
-        return None if missing else text
+                    used.add(head)
+                text.append(str(value).lower() if isinstance(value, bool) else str(value))
+            elif name in constants:
+                text.append(constants[name])
+            else:
+                missing = True
+            text.append(literal)
+        return None if missing else "".join(text)
 
     def _identify(self, resource: ResourceSpec, values: dict[str, Any], number: int) -> tuple[str, str, str | None]:
         if resource.identity is None:
             raise MappingError(f"resource {resource.key!r} has no identity in the spec", record=number)
         text = self._render(resource.identity, values)
-        if text is None or "|" not in text or not text.split("|", 1)[1]:
+        system, _, value = (text or "").partition("|")
+        if not value:
             raise MappingError(f"cannot identify the {resource.type}: {resource.identity} has no value", record=number)
-        system, value = text.split("|", 1)
-        condition = identity(system, value)
-        return resource.type, deterministic_id(resource.type, condition), condition
+        return (resource.type, *_identified(resource.type, system, value))
 
     def _resource(
         self,
@@ -365,21 +466,23 @@ class Mapper:
         ids: dict[str, tuple[str, str, str | None]],
         used: set[str],
         listed: dict[str, list[str | None]],
-    ) -> MappedResource:
+    ) -> tuple[MappedResource, set[str]]:
+        """One resource, and the ids of the resources it refers to (``urn:uuid:``)."""
         body: dict[str, Any] = {"resourceType": resource.type, "id": own[1]}
         if resource.profile:
             body["meta"] = {"profile": [resource.profile]}
-        for rule in resource.rules:
-            if not self._applies(rule.when, values):
+        for rule, repeats in self._rules[resource.key]:
+            if rule.when is not None and not self._applies(rule.when, values):
                 continue
             value = self._value(rule, values, ids, used, listed)
             if value is None or value == []:
                 continue
-            if rule.repeats and not isinstance(value, list):
+            if repeats and not isinstance(value, list):
                 value = [value]
             _put(body, rule.path, value)
-        cleaned = _pruned(body)
-        return MappedResource(cleaned, own[2], resource.key)
+        found: set[str] = set()
+        _prune(body, found)
+        return MappedResource(body, own[2], resource.key), found
 
     def _value(
         self,
@@ -389,6 +492,8 @@ class Mapper:
         used: set[str],
         listed: dict[str, list[str | None]],
     ) -> Any:
+        """The value ``rule`` puts for this record: the resource's own, made for it or copied (a
+        spec's value, a record's list or a helper's result may be shared)."""
         spec = self.spec
         if rule.reference is not None:
             if rule.reference in listed:
@@ -403,22 +508,22 @@ class Mapper:
                 for name in rule.args
             ]
             try:
-                return HELPERS[rule.helper](*arguments)
+                return _copied(HELPERS[rule.helper](*arguments))
             except ArgumentError as exc:
                 # The helper names its argument at fault by position; the record's field by name.
                 raise MappingError(exc.message, field=rule.args[exc.argument]) from exc
         if rule.field is not None:
             value = self._field(rule.field, values, used)
             if value is None or rule.lookup is None:
-                return value
+                return _copied(value)
             if isinstance(value, list):
                 return [None if item is None else _lookup_value(spec, rule.lookup, item) for item in value]
             return _lookup_value(spec, rule.lookup, value)
-        return rule.value
+        return _copied(rule.value)
 
     def _field(self, name: str, values: dict[str, Any], used: set[str]) -> Any:
         if name in values:
-            used.add(name.split(".")[0])
+            used.add(name.partition(".")[0])
             return values[name]
         group, _, sub = name.partition(".")
         if sub and isinstance(values.get(group), list):

@@ -9,6 +9,8 @@ Microsoft FHIR-Converter's ``generate_uuid``).
 
 from __future__ import annotations
 
+import hashlib
+import re
 import uuid
 from urllib.parse import quote
 
@@ -18,6 +20,11 @@ __all__ = ["NAMESPACE", "deterministic_id", "identity"]
 
 #: The namespace of every id the mappings make (uuid5 of the project's canonical URL).
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://sp-fhir-adapter.org/fhir")
+_NAMESPACE_BYTES = NAMESPACE.bytes
+# Text that neither the search escapes nor percent-encoding change (urllib's always-safe characters,
+# none of them special to a search): most systems and values (URLs, NHS numbers, ODS codes).
+_PLAIN_SYSTEM = re.compile(r"[A-Za-z0-9_.~:/-]*")
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.~-]*")
 
 
 def identity(system: str, value: str) -> str:
@@ -25,9 +32,15 @@ def identity(system: str, value: str) -> str:
     (https://hl7.org/fhir/R4/search.html#token); also the resource's ``If-None-Exist``. Both parts
     are escaped for the search (a ``,`` in a value is not a second value) and percent-encoded for
     the query string (an ``&`` or ``+`` cannot change it)."""
-    return f"identifier={quote(escape(system), safe=':/')}|{quote(escape(value), safe='')}"
+    if not _PLAIN_SYSTEM.fullmatch(system):
+        system = quote(escape(system), safe=":/")
+    if not _PLAIN_VALUE.fullmatch(value):
+        value = quote(escape(value), safe="")
+    return f"identifier={system}|{value}"
 
 
 def deterministic_id(type: str, key: str) -> str:
     """The id of the ``type`` resource whose business identity is ``key`` (usually :func:`identity`)."""
-    return str(uuid.uuid5(NAMESPACE, f"{type}?{key}"))
+    # uuid.uuid5(NAMESPACE, name), without working out the namespace's bytes again on every call.
+    digest = hashlib.sha1(_NAMESPACE_BYTES + f"{type}?{key}".encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=5))

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import IO, Any, cast
 from zoneinfo import ZoneInfo
 
@@ -43,6 +44,7 @@ __all__ = ["RawRecord", "Record", "detect_format", "extract", "read_records"]
 # (https://hl7.org/fhir/R4/datatypes.html#dateTime).
 _LONDON = ZoneInfo("Europe/London")
 _ODS = re.compile(r"[A-Z0-9]{3,10}")
+_NHS_NUMBER_SEPARATORS = re.compile(r"[\s-]")
 _SAMPLE = 65536
 
 
@@ -248,16 +250,17 @@ def _xml(spec: MappingSpec, stream: IO[bytes], sample: bytes) -> Iterator[RawRec
 
 
 def _json_values(data: dict[str, Any], spec_field: FieldSpec) -> list[Any]:
-    value: Any = data
-    found = False
+    value: Any = None
     for path in (spec_field.path or spec_field.name, *spec_field.aliases):
-        value = data
-        for key in path.split("."):
-            value = value.get(key) if isinstance(value, dict) else None
+        if "." not in path:
+            value = data.get(path)  # most paths are one key: no split
+        else:
+            value = data
+            for key in path.split("."):
+                value = value.get(key) if isinstance(value, dict) else None
         if value is not None:
-            found = True
             break
-    if not found or value is None:
+    else:
         return []
     return value if isinstance(value, list) else [value]
 
@@ -323,7 +326,7 @@ def convert(spec: MappingSpec, spec_field: FieldSpec, raw: Any, number: int, nam
     if kind in ("string", "code"):
         return text
     if kind == "nhs-number":
-        digits = re.sub(r"[\s-]", "", text)
+        digits = _NHS_NUMBER_SEPARATORS.sub("", text)
         if not (digits.isdigit() and len(digits) == 10 and nhs_number_is_valid(digits)):
             raise _fail(f"{shown!r} is not a valid NHS number (10 digits, Modulus 11 check digit)", number, name)
         return digits
@@ -354,9 +357,8 @@ def convert(spec: MappingSpec, spec_field: FieldSpec, raw: Any, number: int, nam
         return number_value
     # date, datetime
     for fmt in spec_field.formats:
-        try:
-            moment = datetime.strptime(text, fmt)
-        except ValueError:
+        moment = _strptime(text, fmt)
+        if moment is None:
             continue
         if kind == "date":
             return moment.date().isoformat()
@@ -370,6 +372,16 @@ def convert(spec: MappingSpec, spec_field: FieldSpec, raw: Any, number: int, nam
             moment = local
         return moment.isoformat()
     raise _fail(f"{shown!r} is not a date in the form {' or '.join(spec_field.formats)}", number, name)
+
+
+@lru_cache(maxsize=4096)
+def _strptime(text: str, fmt: str) -> datetime | None:
+    """``datetime.strptime``, or None when ``text`` is not in the form ``fmt``. Cached (bounded): an
+    export repeats its dates (referral days, contact times), and strptime is slow."""
+    try:
+        return datetime.strptime(text, fmt)
+    except ValueError:
+        return None
 
 
 def _field_values(
