@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import html.entities
 import math
+import operator
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -1476,14 +1477,30 @@ def _arith(op: str, a: Any, b: Any) -> Any:
     return int(r) if a.__class__ is int and b.__class__ is int else r
 
 
+# Integer + - * and mod without _arith's dispatch: arithmetic-heavy invariants (a check digit) run
+# these many times per evaluation. ``mod`` only for a non-negative dividend below Decimal's
+# precision and a positive divisor, where Python's floored % is FHIRPath's truncated remainder.
+_INT_OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
 def _op_arith(left: Fn, right: Fn, op: str) -> Fn:
+    int_op = _INT_OPS.get(op)
+    mod = op == "mod"
+
     def f(focus: Coll, this: Coll, env: Env) -> Coll:
-        a = _single(left(focus, this, env))
+        got = left(focus, this, env)
+        a = got[0] if len(got) == 1 and got[0].__class__ is int else _single(got)
         if a is None:
             return EMPTY
-        b = _single(right(focus, this, env))
+        got = right(focus, this, env)
+        b = got[0] if len(got) == 1 and got[0].__class__ is int else _single(got)
         if b is None:
             return EMPTY
+        if a.__class__ is int and b.__class__ is int:
+            if int_op is not None:
+                return [int_op(a, b)]
+            if mod and 0 <= a < 10**27 and b > 0:
+                return [a % b]
         r = _arith(op, a, b)
         return EMPTY if r is None else [r]
 
@@ -1920,6 +1937,15 @@ def _string_unary(name: str, fn: Callable[..., Any], consts: list[Any]) -> Calla
     if name == "startsWith":
         prefix = consts[0]
         return lambda s: s.startswith(prefix)
+    if name == "substring" and all(c.__class__ is int for c in consts):
+        # _substring with its Integer arguments bound
+        start = consts[0]
+        if start < 0:
+            return lambda s: None
+        if len(consts) == 1:
+            return lambda s: s[start:] if start < len(s) else None
+        end = start + max(consts[1], 0)
+        return lambda s: s[start:end] if start < len(s) else None
     return lambda s: fn(s, *consts)
 
 
@@ -1942,7 +1968,7 @@ def _string_call(name: str, fn: Callable[..., Any], consts: list[Any], boolean: 
         return call
 
     def op(coll: Coll, this: Coll, env: Env) -> Coll:
-        r = call(coll, this, env)
+        r = unary(coll[0]) if len(coll) == 1 and coll[0].__class__ is str else call(coll, this, env)
         if r is None:
             return EMPTY
         return r if r.__class__ is list else [r]
@@ -2103,9 +2129,14 @@ _CONVERSIONS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _converter(convert: Callable[[Any], Any]) -> Callable[[Coll], Coll]:
-    def to(coll: Coll) -> Coll:
-        v = _single(coll)
+def _converter(convert: Callable[[Any], Any]) -> Op:
+    def to(coll: Coll, this: Coll, env: Env) -> Coll:
+        if len(coll) == 1:
+            v = coll[0]
+            if v.__class__ is Prim:
+                v = v.value
+        else:
+            v = _single(coll)
         if v is None:
             return EMPTY
         r = convert(v)
@@ -2122,8 +2153,13 @@ def _converts(convert: Callable[[Any], Any]) -> Callable[[Coll], bool | None]:
     return test
 
 
+def _conversion(name: str, op: Op) -> None:
+    """Register a conversion function (no parameters) as its operation itself: one call less."""
+    _FUNCTIONS[name] = _Func(0, 0, lambda c, p: op, False)
+
+
 for _name, _convert in _CONVERSIONS.items():
-    _simple("to" + _name, _converter(_convert))
+    _conversion("to" + _name, _converter(_convert))
     _simple("convertsTo" + _name, _converts(_convert), boolean=True)
 
 
@@ -2611,18 +2647,28 @@ class _Compiler:
         return spec.builder(self, params), spec.boolean
 
     def c_InvocationExpression(self, node: AST) -> Fn:
+        source, steps = self.invocations(node)
+        return _chain(source, steps) if steps else source
+
+    def invocations(self, node: AST) -> tuple[Fn, list[Op]]:
+        """``a.f().g()`` as its source and the invocations applied to it in turn, so that the
+        chain is one closure rather than one per step (a memoised part is a source of its own)."""
         left_node, inv = node["children"]
         fused = self.fused(left_node, inv)
         if fused is not None:
-            return fused
+            return fused, []
         names = _member_path(node)
         if names is not None:
-            return _path(tuple(_member(n, self.typed) for n in names))
-        left = self.compile(left_node)
+            return _path(tuple(_member(n, self.typed) for n in names)), []
+        if left_node["type"] == "InvocationExpression" and not (self.depth and _loop_invariant(left_node)):
+            source, steps = self.invocations(left_node)
+        else:
+            source, steps = self.compile(left_node), []
         if _call_name(inv) == "count" and _no_params(inv):
-            return lambda focus, this, env: [len(left(focus, this, env))]
-        right = self.invocation(inv)
-        return lambda focus, this, env: right(left(focus, this, env), this, env)
+            left = _chain(source, steps) if steps else source
+            return (lambda focus, this, env: [len(left(focus, this, env))]), []
+        steps.append(self.invocation(inv))
+        return source, steps
 
     def b_InvocationExpression(self, node: AST) -> BFn | None:
         left_node, inv = node["children"]
@@ -2788,6 +2834,25 @@ class _Compiler:
     def b_ImpliesExpression(self, node: AST) -> BFn:
         left, right = node["children"]
         return _op_implies(self.compile_bool(left), self.compile_bool(right))
+
+
+def _chain(source: Fn, steps: list[Op]) -> Fn:
+    """``source`` then each step on the collection the previous one gave (all with the same $this)."""
+    if len(steps) == 1:
+        (step,) = steps
+        return lambda focus, this, env: step(source(focus, this, env), this, env)
+    if len(steps) == 2:
+        first, second = steps
+        return lambda focus, this, env: second(first(source(focus, this, env), this, env), this, env)
+    ops = tuple(steps)
+
+    def f(focus: Coll, this: Coll, env: Env) -> Coll:
+        coll = source(focus, this, env)
+        for op in ops:
+            coll = op(coll, this, env)
+        return coll
+
+    return f
 
 
 def _external_constant(name: str) -> Fn:

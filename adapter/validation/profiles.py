@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import cache
-from typing import Any
+from typing import Any, TypeAlias
 
 from adapter.fhir import fhirpath, model
 from adapter.validation.base import Issue
@@ -55,22 +55,51 @@ def _number(value: Any) -> Any:
     return Decimal(str(value))
 
 
+# _equal and _contains run for every slice discriminator and pattern: plain loops rather than
+# all()/any() over generators, and strings compared directly (what _number leaves them as).
+
+
 def _equal(a: Any, b: Any) -> bool:
+    if a.__class__ is str and b.__class__ is str:
+        return a == b
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+        if a.keys() != b.keys():
+            return False
+        for k in a:  # noqa: SIM110
+            if not _equal(a[k], b[k]):
+                return False
+        return True
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+        if len(a) != len(b):
+            return False
+        for x, y in zip(a, b, strict=True):  # noqa: SIM110
+            if not _equal(x, y):
+                return False
+        return True
     return bool(_number(a) == _number(b))
 
 
 def _contains(value: Any, pattern: Any) -> bool:
     """``pattern[x]`` semantics: every element of the pattern is in the value; array items each match
     some item (https://hl7.org/fhir/R4/elementdefinition-definitions.html#ElementDefinition.pattern_x_)."""
+    if pattern.__class__ is str and value.__class__ is str:
+        return value == pattern
     if isinstance(pattern, dict):
-        return isinstance(value, dict) and all(k in value and _contains(value[k], v) for k, v in pattern.items())
+        if not isinstance(value, dict):
+            return False
+        for k, v in pattern.items():  # noqa: SIM110
+            if k not in value or not _contains(value[k], v):
+                return False
+        return True
     if isinstance(pattern, list):
         items = value if isinstance(value, list) else [value]
-        return all(any(_contains(item, p) for item in items) for p in pattern)
+        for p in pattern:
+            for item in items:
+                if _contains(item, p):
+                    break
+            else:
+                return False
+        return True
     return bool(_number(value) == _number(pattern))
 
 
@@ -114,22 +143,36 @@ class Rule:
             self._targets = tuple(p for t in self.types or () for p in t.get("targetProfile") or ())
         return self._targets
 
+    def live(self, must_support: bool) -> bool:
+        """Whether the rule can raise an issue at all; may say True when it cannot (a type list
+        is not looked into here, so a malformed profile fails where it did: when it is used)."""
+        return (
+            (self.min is not None and self.min != 0)
+            or self.max not in (None, "*")
+            or (must_support and self.must_support)
+            or bool(self.types)
+            or self._constrains_values()
+        )
+
     def checks_items(self) -> bool:
         """Whether the rule says anything about each value (beyond how many there are)."""
         if self._checks_items is None:
             self._checks_items = bool(
-                self.type_codes()
-                or self.fixed is not _UNSET
-                or self.pattern is not _UNSET
-                or self.binding is not None
-                or self.max_length is not None
-                or self.min_value is not _UNSET
-                or self.max_value is not _UNSET
-                or self.constraints
-                or self.profiles()
-                or self.target_profiles()
+                self.type_codes() or self._constrains_values() or self.profiles() or self.target_profiles()
             )
         return self._checks_items
+
+    def _constrains_values(self) -> bool:
+        """Whether the rule constrains the values themselves: fixed, pattern, binding, length, range, invariants."""
+        return (
+            self.fixed is not _UNSET
+            or self.pattern is not _UNSET
+            or self.binding is not None
+            or self.max_length is not None
+            or self.min_value is not _UNSET
+            or self.max_value is not _UNSET
+            or bool(self.constraints)
+        )
 
 
 @dataclass(slots=True)
@@ -139,11 +182,60 @@ class _Group:
     name: str
     id: str
     slices: dict[str, str] = field(default_factory=dict)
+    # The rest depends on the profile's rules only, so it is worked out once they are complete
+    # (:func:`_prepare`), not for every resource.
+    rule: Rule | None = None
     #: Whether an absent element still needs checking: its rule or one of its slices has a minimum.
-    #: Worked out on first use (the profile's rules are complete by then).
-    required: bool | None = None
+    required: bool = False
     #: Whether its rule or one of its slices is mustSupport (reported when absent, on request).
     must_support: bool = False
+    #: Whether the element's own rule can raise an issue, without and with mustSupport reporting.
+    rule_live: bool = True
+    rule_live_ms: bool = True
+    #: Whether anything at or below the element can raise an issue (without and with mustSupport
+    #: reporting): a group that cannot is not walked at all.
+    live: bool = True
+    live_ms: bool = True
+    #: The live groups of the element's children (without and with mustSupport reporting).
+    below: tuple[_Group, ...] = ()
+    below_ms: tuple[_Group, ...] = ()
+    #: ``.name`` (``.value`` for ``value[x]``), the step of issue paths; ``_name``; choice or not.
+    step: str = ""
+    underscore: str = ""
+    choice: bool = False
+    #: For a choice element: its property suffixes and their types (``Quantity``: ``Quantity``).
+    suffixes: dict[str, str] = field(default_factory=dict)
+    #: The slicing in force, worked out on first use (see :meth:`_Run.slicing`).
+    slicing: _Slicing | None = None
+
+
+@dataclass(slots=True)
+class _Slice:
+    """One slice of a group, as :meth:`_Run.slices` checks the items it gets."""
+
+    name: str
+    id: str
+    #: Its rule when that can raise an issue (``rule_ms``: when mustSupport is reported), else None.
+    rule: Rule | None
+    rule_ms: Rule | None
+    #: What its issues are labelled with after the profile's label.
+    label: str
+    #: The live groups of its children (without and with mustSupport reporting).
+    below: tuple[_Group, ...]
+    below_ms: tuple[_Group, ...]
+
+
+@dataclass(slots=True)
+class _Slicing:
+    """How one group is sliced: what :meth:`_Run.slices` needs, the same for every resource."""
+
+    discriminators: list[dict[str, Any]]
+    described: str
+    names: list[str]
+    closed: bool
+    ordered: bool
+    open_at_end: bool
+    slices: list[_Slice]
 
 
 @dataclass(slots=True)
@@ -156,6 +248,14 @@ class CompiledProfile:
     context: list[dict[str, Any]] = field(default_factory=list)
     #: This profile and the profiles it derives from: what a resource meeting it meets too.
     ancestors: tuple[str, ...] = ()
+    #: The root element's rule when it can raise an issue (without and with mustSupport reporting),
+    #: and the live groups of its children.
+    root: Rule | None = None
+    root_ms: Rule | None = None
+    top: tuple[_Group, ...] = ()
+    top_ms: tuple[_Group, ...] = ()
+    #: :meth:`_Run.expected` by (slice id, discriminator path): it depends on the profile only.
+    expected: dict[tuple[str, str], tuple[Any, str]] = field(default_factory=dict)
 
 
 @cache
@@ -294,7 +394,47 @@ def compile_profile(url: str, packages: PackageSet) -> CompiledProfile:
             rules.setdefault(parts_id, Rule(parts_id))
     name = profile.get("name") or profile.get("id") or url
     ancestors = (*(sd["url"] for sd in chain), f"{CORE_PREFIX}{root}")
-    return CompiledProfile(url, name, root, rules, groups, list(profile.get("context") or ()), ancestors)
+    compiled = CompiledProfile(url, name, root, rules, groups, list(profile.get("context") or ()), ancestors)
+    _prepare(compiled)
+    return compiled
+
+
+def _prepare(profile: CompiledProfile) -> None:
+    """Work out what the walk needs of each group, once its rules are complete."""
+    rules, groups = profile.rules, profile.groups
+    for element_groups in groups.values():
+        for group in element_groups.values():
+            group.rule = rules.get(group.id)
+            found = [r for r in (group.rule, *(rules.get(i) for i in group.slices.values())) if r is not None]
+            group.required = any(bool(r.min) for r in found)
+            group.must_support = any(r.must_support for r in found)
+            group.rule_live = group.rule is not None and group.rule.live(False)
+            group.rule_live_ms = group.rule is not None and group.rule.live(True)
+            group.step = "." + group.name.removesuffix("[x]")
+            group.underscore = "_" + group.name
+            group.choice = group.name.endswith("[x]")
+            if group.choice:
+                group.suffixes = _choices().get(group.name[:-3], {})
+
+    def live(group: _Group, must_support: bool) -> bool:
+        # Slices always count: matching them marks extensions as checked, and slicing has rules.
+        own = group.rule_live_ms if must_support else group.rule_live
+        below = groups.get(group.id, {}).values()
+        return own or bool(group.slices) or any(live(child, must_support) for child in below)
+
+    for element_groups in groups.values():
+        for group in element_groups.values():
+            group.live = live(group, False)
+            group.live_ms = live(group, True)
+    for element_groups in groups.values():
+        for group in element_groups.values():
+            group.below = tuple(g for g in groups.get(group.id, {}).values() if g.live)
+            group.below_ms = tuple(g for g in groups.get(group.id, {}).values() if g.live_ms)
+    root = rules.get(profile.type)
+    profile.root = root if root is not None and root.live(False) else None
+    profile.root_ms = root if root is not None and root.live(True) else None
+    profile.top = tuple(g for g in groups.get(profile.type, {}).values() if g.live)
+    profile.top_ms = tuple(g for g in groups.get(profile.type, {}).values() if g.live_ms)
 
 
 @dataclass(slots=True)
@@ -318,20 +458,24 @@ class _Item:
         return fhirpath.Prim(self.value, self.ext)
 
 
-def _items(node: dict[str, Any], name: str, where: str) -> list[_Item]:
-    """The values of property ``name`` (``value[x]``: any ``value<Type>``) with their FHIRPath."""
-    if name.endswith("[x]"):
+def _items(node: dict[str, Any], group: _Group, where: str) -> list[_Item]:
+    """The values of the group's property (``value[x]``: any ``value<Type>``) with their FHIRPath."""
+    name = group.name
+    if group.choice:
         base = name[:-3]
-        suffixes = _choices().get(base, {})
+        suffixes = group.suffixes
         out: list[_Item] = []
         for key in node:
             if key.startswith(base) and key[len(base) :] in suffixes:
                 code = suffixes[key[len(base) :]]
                 out.append(_Item(node[key], node.get("_" + key), code, f"{where}.{base}.ofType({code})"))
         return out
-    value, ext = node.get(name), node.get("_" + name)
-    if value is None and ext is None:
-        return []
+    value, ext = node.get(name), node.get(group.underscore)
+    if ext is None:
+        if value is None:
+            return []
+        if isinstance(value, list):  # the usual repeating element: no _name part
+            return [_Item(item, None, None, f"{where}.{name}[{i}]") for i, item in enumerate(value)]
     if isinstance(value, list) or isinstance(ext, list):
         values = value if isinstance(value, list) else []
         exts = ext if isinstance(ext, list) else []
@@ -479,6 +623,8 @@ class _Run:
         self.checked_profiles: set[tuple[int, str]] = set()
         self.probing = 0
         self.not_checked: set[str] = set()
+        # Whether each reference target tried against a profile is free of R4 errors, by id().
+        self.valid_targets: dict[int, tuple[dict[str, Any], bool]] = {}
         if root.get("resourceType") == "Bundle":
             resolve = fhirpath.bundle_resolver(root)
         self.resolve: Callable[[str], dict[str, Any] | None] | None = resolve
@@ -547,14 +693,24 @@ class _Run:
             if isinstance(value, dict) and "resourceType" in value:
                 if value.get("resourceType") != profile.type:
                     return False
-                structural = [i for i in self.v.structural.validate(value) if i.is_error]
-                if structural:
+                if not self.structurally_valid(value):
                     return False
             self.check(profile, value, where, "")
             return not any(issue.is_error for issue in self.issues)
         finally:
             self.issues = saved
             self.probing -= 1
+
+    def structurally_valid(self, resource: dict[str, Any]) -> bool:
+        """Whether a reference target has no R4 errors; asked once per target in a run, however
+        many profiles it is tried against."""
+        known = self.valid_targets.get(id(resource))
+        if known is None:
+            errors = [i for i in self.v.structural.validate(resource) if i.is_error]
+            # The resource is kept with its answer: its id() cannot be reused by another object
+            # (a resolver may make a new one per call) while the run lasts.
+            known = self.valid_targets[id(resource)] = (resource, not errors)
+        return known[1]
 
     # -- one profile -----------------------------------------------------------------------------
 
@@ -566,48 +722,48 @@ class _Run:
             if key in self.checked_profiles:
                 return
             self.checked_profiles.add(key)
-        root_rule = profile.rules.get(profile.type)
+        must_support = self.v.must_support
+        root_rule = profile.root_ms if must_support else profile.root
         item = _Item(node, None, profile.type, where)
         if root_rule is not None:
             self.rule(profile, root_rule, [item], where, label, node)
-        self.children(profile, profile.type, item.node, where, label, node)
+        self.children(profile, profile.top_ms if must_support else profile.top, item.node, where, label, node)
 
     def children(
-        self, profile: CompiledProfile, element_id: str, node: dict[str, Any], where: str, label: str, resource: Any
-    ) -> None:
-        for name, group in profile.groups.get(element_id, {}).items():
-            if group.required is None:
-                rules = [profile.rules.get(rule_id) for rule_id in (group.id, *group.slices.values())]
-                group.required = any(found is not None and bool(found.min) for found in rules)
-                group.must_support = any(found is not None and found.must_support for found in rules)
-            if (
-                not group.required
-                and not (group.must_support and self.v.must_support)
-                and name not in node
-                and "_" + name not in node
-                and not name.endswith("[x]")
-            ):
-                continue  # absent, and nothing asks for it: nothing to check
-            items = _items(node, name, where)
-            rule = profile.rules.get(group.id)
-            if rule is not None:
-                self.rule(profile, rule, items, f"{where}.{name.removesuffix('[x]')}", label, resource)
-            if group.slices:
-                self.slices(profile, group, rule, items, where, label, resource)
-            if profile.groups.get(group.id):
-                for item in items:
-                    self.children(profile, group.id, item.node, item.where, label, resource)
-
-    def slices(
         self,
         profile: CompiledProfile,
-        group: _Group,
-        rule: Rule | None,
-        items: list[_Item],
+        groups: tuple[_Group, ...],
+        node: dict[str, Any],
         where: str,
         label: str,
         resource: Any,
     ) -> None:
+        """Check the children of ``node`` that ``groups`` (the live ones only) constrain."""
+        must_support = self.v.must_support
+        for group in groups:
+            if (
+                not group.required
+                and not (group.must_support and must_support)
+                and group.name not in node
+                and group.underscore not in node
+                and not group.choice
+            ):
+                continue  # absent, and nothing asks for it: nothing to check
+            items = _items(node, group, where)
+            rule = group.rule
+            if rule is not None and (group.rule_live_ms if must_support else group.rule_live):
+                self.rule(profile, rule, items, where + group.step, label, resource)
+            if group.slices:
+                self.slices(profile, group, items, where, label, resource)
+            below = group.below_ms if must_support else group.below
+            if below:
+                for item in items:
+                    self.children(profile, below, item.node, item.where, label, resource)
+
+    def slicing(self, profile: CompiledProfile, group: _Group) -> _Slicing:
+        """How ``group`` is sliced, worked out the first time a resource has it (the slicing element
+        is only looked into where a resource needs it, as before it was worked out once)."""
+        rule = group.rule
         slicing: dict[str, Any] | None = (rule.slicing if rule else None) or (
             _URL_SLICING if group.name in _EXTENSIONS else None
         )
@@ -616,16 +772,58 @@ class _Run:
             slicing = _TYPE_SLICING
         discriminators: list[dict[str, Any]] = slicing.get("discriminator") or []
         described = ", ".join(f"{d.get('type')}:{d.get('path')}" for d in discriminators)
-        assigned: dict[str, list[_Item]] = {name: [] for name in group.slices}
-        order: list[int] = []
-        names = list(group.slices)
-        for item in items:
-            slice_name = next(
-                (n for n in names if self.matches(profile, group.slices[n], item, discriminators, resource)), None
+        slices = []
+        for slice_name, slice_id in group.slices.items():
+            slice_rule = profile.rules.get(slice_id)
+            below = tuple(profile.groups.get(slice_id, {}).values())
+            slices.append(
+                _Slice(
+                    slice_name,
+                    slice_id,
+                    slice_rule if slice_rule is not None and slice_rule.live(False) else None,
+                    slice_rule if slice_rule is not None and slice_rule.live(True) else None,
+                    f"slice {slice_name} ({described}): ",
+                    tuple(g for g in below if g.live),
+                    tuple(g for g in below if g.live_ms),
+                )
             )
-            if slice_name is None:
-                order.append(len(names))
-                if slicing.get("rules") == "closed":
+        group.slicing = _Slicing(
+            discriminators,
+            described,
+            list(group.slices),
+            slicing.get("rules") == "closed",
+            bool(slicing.get("ordered")),
+            slicing.get("rules") == "openAtEnd",
+            slices,
+        )
+        return group.slicing
+
+    def slices(
+        self,
+        profile: CompiledProfile,
+        group: _Group,
+        items: list[_Item],
+        where: str,
+        label: str,
+        resource: Any,
+    ) -> None:
+        sliced = group.slicing or self.slicing(profile, group)
+        discriminators = sliced.discriminators
+        described = sliced.described
+        names = sliced.names
+        extensions = group.name in _EXTENSIONS
+        assigned: list[list[_Item]] = [[] for _ in names]
+        order: list[int] = []
+        unmatched = len(names)
+        for item in items:
+            found = unmatched
+            for index, slice_ in enumerate(sliced.slices):
+                if self.matches(profile, slice_.id, item, discriminators, resource):
+                    found = index
+                    break
+            order.append(found)
+            if found == unmatched:
+                if sliced.closed:
                     self.add(
                         "error",
                         "structure",
@@ -634,32 +832,29 @@ class _Run:
                         label,
                     )
                 continue
-            order.append(names.index(slice_name))
-            assigned[slice_name].append(item)
-            if group.name in _EXTENSIONS and isinstance(item.value, dict):
+            assigned[found].append(item)
+            if extensions and isinstance(item.value, dict):
                 self.checked_extensions.add(id(item.value))
-        element = f"{where}.{group.name.removesuffix('[x]')}"
-        matched = [o for o in order if o < len(names)]  # unmatched items may sit anywhere in open slicing
-        if slicing.get("ordered") and matched != sorted(matched):
-            self.add("error", "structure", f"{group.id}: the slices are out of order ({described})", element, label)
-        unmatched = len(names)
-        if slicing.get("rules") == "openAtEnd" and unmatched in order:
+        element = where + group.step
+        if sliced.ordered:
+            matched = [o for o in order if o < unmatched]  # unmatched items may sit anywhere in open slicing
+            if matched != sorted(matched):
+                self.add("error", "structure", f"{group.id}: the slices are out of order ({described})", element, label)
+        if sliced.open_at_end and unmatched in order:
             first_unmatched = order.index(unmatched)
             if any(o != unmatched for o in order[first_unmatched:]):
                 self.add(
                     "error", "structure", f"{group.id}: unmatched items must come last (openAtEnd)", element, label
                 )
-        for slice_name, slice_id in group.slices.items():
-            slice_rule = profile.rules.get(slice_id)
-            slice_items = assigned[slice_name]
+        must_support = self.v.must_support
+        for slice_, slice_items in zip(sliced.slices, assigned, strict=True):
+            slice_rule = slice_.rule_ms if must_support else slice_.rule
             if slice_rule is not None:
-                slice_label = f"{label}slice {slice_name} ({described}): "
-                self.rule(
-                    profile, slice_rule, slice_items, f"{where}.{group.name.removesuffix('[x]')}", slice_label, resource
-                )
-            if profile.groups.get(slice_id):
+                self.rule(profile, slice_rule, slice_items, element, label + slice_.label, resource)
+            below = slice_.below_ms if must_support else slice_.below
+            if below:
                 for item in slice_items:
-                    self.children(profile, slice_id, item.node, item.where, label, resource)
+                    self.children(profile, below, item.node, item.where, label, resource)
 
     def matches(
         self, profile: CompiledProfile, slice_id: str, item: _Item, discriminators: list[dict[str, Any]], resource: Any
@@ -674,7 +869,10 @@ class _Run:
                     return False
                 actual = [item.value] if path == "$this" else _navigate([item.node], path)
                 test = _equal if how == "fixed" else _contains
-                if not any(test(value, expected) for value in actual):
+                for value in actual:
+                    if test(value, expected):
+                        break
+                else:
                     return False
             elif kind == "exists":
                 rule = profile.rules.get(f"{slice_id}.{path}")
@@ -729,7 +927,16 @@ class _Run:
 
     def expected(self, profile: CompiledProfile, slice_id: str, path: str) -> tuple[Any, str]:
         """The fixed or pattern value a slice requires at ``path``: from the element at that path, or
-        from a fixed/pattern value higher up, or (for ``url`` on extensions) the extension's profile."""
+        from a fixed/pattern value higher up, or (for ``url`` on extensions) the extension's profile.
+        Remembered in the profile: it depends on nothing else."""
+        if not isinstance(path, str):
+            return self._expected(profile, slice_id, path)
+        found = profile.expected.get((slice_id, path))
+        if found is None:
+            found = profile.expected[(slice_id, path)] = self._expected(profile, slice_id, path)
+        return found
+
+    def _expected(self, profile: CompiledProfile, slice_id: str, path: str) -> tuple[Any, str]:
         parts = [] if path == "$this" else path.split(".")
         for depth in range(len(parts), -1, -1):
             rule = profile.rules.get(".".join([slice_id, *parts[:depth]]))
@@ -924,23 +1131,29 @@ class _Run:
     # -- extensions no profile mentions ------------------------------------------------------------
 
     def sweep_extensions(self, resource: dict[str, Any], where: str, label: str) -> None:
-        stack: list[tuple[Any, str]] = [(resource, where)]
+        checked = self.checked_extensions
+        stack: list[tuple[dict[str, Any], _Link]] = [(resource, where)]
         while stack:
             node, path = stack.pop()
-            if isinstance(node, dict):
-                for key, value in node.items():
-                    if key in ("contained", "resource"):
-                        continue  # contained resources and Bundle entries are checked as resources
-                    if isinstance(value, list):
-                        if key in _EXTENSIONS:
-                            for i, extension in enumerate(value):
-                                self.extension(extension, key, f"{path}.{key}[{i}]", label)
-                        # Paths are only made for what may hold extensions (objects), not primitives.
-                        if value and isinstance(value[0], dict):
-                            child = f"{path}.{key.lstrip('_')}"
-                            stack.extend((v, f"{child}[{i}]") for i, v in enumerate(value) if isinstance(v, dict))
-                    elif isinstance(value, dict):
-                        stack.append((value, f"{path}.{key.lstrip('_')}"))
+            for key, value in node.items():
+                if value.__class__ is str:
+                    continue  # most values: nothing below them
+                if key in ("contained", "resource"):
+                    continue  # contained resources and Bundle entries are checked as resources
+                if isinstance(value, list):
+                    if not value:
+                        continue
+                    if key in _EXTENSIONS:
+                        for i, extension in enumerate(value):
+                            if isinstance(extension, dict) and id(extension) not in checked:
+                                self.extension(extension, key, f"{_written(path)}.{key}[{i}]", label)
+                    # Paths are only made for what may hold extensions (objects), not primitives.
+                    if isinstance(value[0], dict):
+                        for i, item in enumerate(value):
+                            if isinstance(item, dict):
+                                stack.append((item, (path, key, i)))
+                elif isinstance(value, dict):
+                    stack.append((value, (path, key, -1)))
 
     def extension(self, extension: Any, kind: str, where: str, label: str) -> None:
         if not isinstance(extension, dict) or id(extension) in self.checked_extensions:
@@ -958,6 +1171,19 @@ class _Run:
         did_you_mean = f"; did you mean {hint[0]}?" if hint else ""
         severity = "error" if kind == "modifierExtension" else "warning"
         self.add(severity, "extension", f"unknown extension {url}{did_you_mean}", where, label)
+
+
+# Where the sweep is: the resource's path, or (parent, key, index or -1) links, written out only
+# for the few nodes that raise an issue (most have none).
+_Link: TypeAlias = "str | tuple[_Link, str, int]"
+
+
+def _written(path: _Link) -> str:
+    steps: list[str] = []
+    while not isinstance(path, str):
+        path, key, index = path
+        steps.append(f".{key.lstrip('_')}[{index}]" if index >= 0 else f".{key.lstrip('_')}")
+    return path + "".join(reversed(steps))
 
 
 _STEP = re.compile(r"\.?([A-Za-z_]+)(?:\[(\d+)\])?(?:\.ofType\(([A-Za-z]+)\))?")

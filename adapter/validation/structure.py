@@ -21,13 +21,13 @@ import re
 from collections.abc import Sequence
 from decimal import Decimal
 from functools import cache
-from typing import Any, cast
+from typing import Any
 
 from adapter.fhir import model
 from adapter.fhir.fhirpath import Env
 from adapter.fhir.model import Child, Context, ElementDef
 from adapter.validation.base import Issue
-from adapter.validation.invariants import InvariantChecker, elements_for, elements_for_primitive
+from adapter.validation.invariants import Check, InvariantChecker, checks_for, elements_for, elements_for_primitive
 from adapter.validation.paths import Path, render
 from adapter.validation.paths import index as at
 from adapter.validation.xhtml import check_xhtml
@@ -60,22 +60,23 @@ class _Spec:
 
     __slots__ = (
         "binding",
+        "checks",
         "child",
         "choice",
-        "ctx",
         "element",
         "fast",
-        "inv",
         "json_kind",
         "key",
         "kind",
         "low",
         "max",
         "name",
-        "prim_inv",
+        "plain",
+        "prim_checks",
         "regex",
         "repeats",
         "segment",
+        "table",
         "targets",
         "type_code",
         "value_set",
@@ -92,7 +93,6 @@ class _Spec:
         self.max = element.max
         self.type_code = child.type_code
         self.segment = f".{element.name}.ofType({child.type_code})" if element.is_choice else f".{child.name}"
-        self.ctx: Context | None = None
         if child.is_resource:
             self.kind = RESOURCE
         elif child.is_primitive:
@@ -111,24 +111,31 @@ class _Spec:
         self.targets = _target_types(element) if child.type_code == "Reference" else None
         code = child.type_code
         self.low = 1 if code == "positiveInt" else 0 if code == "unsignedInt" else INT32_MIN
-        self.prim_inv = elements_for_primitive(element) if primitive else ()
-        self.inv: tuple[ElementDef, ...] | None = None
+        # Invariants on a primitive element (eld-3) see the value, not an object: no shortcut.
+        self.prim_checks = checks_for(elements_for_primitive(element), None) if primitive else ()
+        # Of a complex element: its table (the context it holds) and its invariants, on first use.
+        self.table: _Table | None = None
+        self.checks: tuple[Check, ...] = ()
         # Fast path for the commonest value: a string primitive whose only check is its regex
         # (no binding, no invariant, not xhtml, not code: codes also get a whitespace check).
         plain = primitive and self.json_kind == "string" and code not in ("xhtml", "code")
-        self.fast = self.regex if plain and self.binding is None and not self.prim_inv else None
+        self.fast = self.regex if plain and self.binding is None and not self.prim_checks else None
+        # A complex element with nothing to check but its content: the walk goes straight to it.
+        self.plain = self.kind == COMPLEX and self.targets is None and self.binding is None
 
-    def context(self) -> Context:
-        if self.ctx is None:
-            self.ctx = self.child.context()
-            self.inv = elements_for(self.ctx, self.element)
-        return self.ctx
+    def context(self) -> _Table:
+        if self.table is None:
+            ctx = self.child.context()
+            table = _table(ctx)
+            self.checks = checks_for(elements_for(ctx, self.element), table.names)
+            self.table = table  # set last: a spec with a table is complete
+        return self.table
 
 
 class _Table:
     """A compiled context: specs by JSON name, required elements, and context facts."""
 
-    __slots__ = ("ctx", "inv", "is_extension", "names", "required", "specs")
+    __slots__ = ("checks", "ctx", "is_extension", "names", "required", "specs")
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -145,7 +152,7 @@ class _Table:
             for element, names in required.items()
         )
         self.is_extension = ctx.path == "Extension"
-        self.inv = elements_for(ctx, None)
+        self.checks = checks_for(elements_for(ctx, None), self.names)
 
 
 @cache
@@ -198,7 +205,7 @@ class _Walk:
         self.env = Env(resource=node, root_resource=root if root is not None else node, resolve=_resolver(node))
         try:
             table = _table(model.context_for(rtype))
-            self.complex(node, table, path or rtype, table.inv, True)
+            self.complex(node, table, path or rtype, table.checks, True)
         finally:
             self.env = outer
 
@@ -208,7 +215,7 @@ class _Walk:
         node: Any,
         table: _Table,
         path: Path,
-        inv: tuple[ElementDef, ...],
+        checks: tuple[Check, ...],
         resource_root: bool = False,
     ) -> None:
         if node.__class__ is not dict:
@@ -256,6 +263,8 @@ class _Walk:
                 self.error("structure", f"null is not allowed for '{key}': omit the element", (path, spec.segment))
             elif value.__class__ is list:
                 self.error("structure", f"'{key}' does not repeat: it must not be an array", (path, spec.segment))
+            elif spec.plain:
+                self.complex(value, spec.table or spec.context(), (path, spec.segment), spec.checks)
             else:
                 self.item(value, spec, (path, spec.segment))
         for element_name, names, minimum in table.required:
@@ -274,10 +283,8 @@ class _Walk:
                 self.error("invariant", "ext-1: Must have either extensions or value[x], not both", path)
         elif len(node) == 1 and "id" in node:
             self.error("invariant", "ele-1: All FHIR elements must have a @value or children", path)
-        if inv and self.env is not None:
-            element_names = table.names
-            present = cast("set[str]", {element_names.get(k, k) for k in node})
-            self.invariants.check(node, inv, path, self.env, self.issues, present)
+        if checks and self.env is not None:
+            self.invariants.check(node, checks, path, self.env, self.issues)
 
     def repeating(self, value: Any, spec: _Spec, path: Path) -> None:
         if value.__class__ is not list:
@@ -289,6 +296,11 @@ class _Walk:
         if spec.max is not None and len(value) > spec.max:
             self.error("structure", f"Too many '{spec.key}': {len(value)}, at most {spec.max}", path)
         fast = spec.fast
+        if spec.plain:
+            table = spec.table or spec.context()
+            for index, item in enumerate(value):
+                self.complex(item, table, (path, at(index)), spec.checks)
+            return
         for index, item in enumerate(value):
             if fast is not None and item.__class__ is str and fast.fullmatch(item) is not None:
                 continue
@@ -299,11 +311,10 @@ class _Walk:
         if kind == PRIMITIVE:
             if value is not None:  # a null stands for "extension only"; checked with the _ part
                 self.primitive(value, spec, path)
-                if spec.prim_inv and self.env is not None:  # invariants on a primitive element (eld-3)
-                    self.invariants.check(value, spec.prim_inv, path, self.env, self.issues)
+                if spec.prim_checks and self.env is not None:  # invariants on a primitive element (eld-3)
+                    self.invariants.check(value, spec.prim_checks, path, self.env, self.issues)
         elif kind == COMPLEX:
-            table = _table(spec.ctx or spec.context())
-            self.complex(value, table, path, spec.inv or ())
+            self.complex(value, spec.table or spec.context(), path, spec.checks)
             if spec.targets is not None and value.__class__ is dict:
                 self.reference(value, spec, path)
         else:
