@@ -195,3 +195,17 @@ def test_open_store_chooses_the_store(tmp_path: Path) -> None:
     postgres = open_store("postgresql://user@127.0.0.1:1/none")  # connects on first use only
     assert isinstance(postgres, PostgresStore)
     asyncio.run(postgres.close())
+
+
+def test_postgres_readers_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapter.store.postgres import PostgresStore
+
+    monkeypatch.setenv("SPFHIR_POSTGRES_READERS", "7")
+    settings = Settings(database="postgresql://user@127.0.0.1:1/none")
+    assert settings.postgres_readers == 7
+    store = open_store(settings.database, postgres_readers=settings.postgres_readers)
+    assert isinstance(store, PostgresStore) and store._reader_count == 7
+    asyncio.run(store.close())
+    monkeypatch.setenv("SPFHIR_POSTGRES_READERS", "0")
+    with pytest.raises(ValueError):
+        Settings()
