@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import cache
 from typing import Any
 
-from adapter.fhir import fhirpath
+from adapter.fhir import fhirpath, model
 from adapter.search.parameters import SearchParam, parameters_for
 
 __all__ = [
@@ -221,25 +222,97 @@ def _operands(tree: dict[str, Any]) -> list[dict[str, Any]]:
     return [tree]
 
 
+#: ``Type.a.b``: a path of plain member steps (what most search parameters are).
+_PLAIN_PATH = re.compile(r"([A-Z][A-Za-z]+)((?:\.[a-z][A-Za-z0-9]*)+)")
+#: Steps the plain walk leaves to FHIRPath: they reach into primitives' extensions.
+_NOT_PLAIN = frozenset({"extension", "modifierExtension", "id"})
+
+
+class _PlainPath:
+    """A path of plain member steps (``Patient.name.family``) walked over the JSON directly: what
+    the compiled FHIRPath finds, without its per-step machinery (indexing is on every write).
+
+    The values are the same as FHIRPath's, as :func:`_add` reads them: arrays are flattened at each
+    step, and a primitive's ``_name`` part is left out (a primitive with no value indexes nothing,
+    and one with a value indexes the value). Paths through a choice element (``value[x]``) or into
+    extensions are not plain, and stay with FHIRPath."""
+
+    __slots__ = ("names", "text")
+
+    def __init__(self, text: str, names: tuple[str, ...]) -> None:
+        self.text = text
+        self.names = names
+
+    def __repr__(self) -> str:
+        return f"_PlainPath({self.text!r})"
+
+    def __call__(self, resource: dict[str, Any], env: fhirpath.Env) -> list[Any]:
+        focus: list[Any] = [resource]
+        for name in self.names:
+            found: list[Any] = []
+            for item in focus:
+                if item.__class__ is dict:
+                    value = item.get(name)
+                    if value.__class__ is list:
+                        found.extend(value)
+                    elif value is not None:
+                        found.append(value)
+            if not found:
+                return found
+            focus = found
+        return [value for value in focus if value is not None]
+
+
+def _plain_path(text: str, type: str) -> _PlainPath | None:
+    """The plain walk of ``text`` on a ``type`` resource, or None when any step of it is not a
+    plain element of the R4 model (a choice element, a primitive's inside, an unknown name)."""
+    match = _PLAIN_PATH.fullmatch(text)
+    if match is None:
+        return None
+    names = tuple(match.group(2)[1:].split("."))
+    if _NOT_PLAIN.intersection(names):
+        return None
+    try:
+        context = model.context_for(type)
+        for depth, name in enumerate(names):
+            child = context.children.get(name)
+            if child is None or child.element.is_choice:
+                return None
+            if depth < len(names) - 1:
+                if child.is_primitive or child.is_resource:
+                    return None
+                context = child.context()
+    except KeyError:
+        return None
+    return _PlainPath(text, names)
+
+
+Extractor = Callable[[dict[str, Any], fhirpath.Env], Sequence[Any]]
+
+
 @cache
-def _extractors(type: str) -> tuple[tuple[SearchParam, tuple[fhirpath.Compiled, ...]], ...]:
+def _extractors(type: str) -> tuple[tuple[SearchParam, tuple[Extractor, ...]], ...]:
     """Per supported parameter of ``type``, the compiled expressions that can find anything in it.
 
     Parameters shared by many types (``clinical-patient``) have one union of 30 ``Type.path``
     operands; only the operands rooted at this type (or at no type) are kept, which makes indexing
     several times faster than evaluating the whole union.
     """
-    found: list[tuple[SearchParam, tuple[fhirpath.Compiled, ...]]] = []
+    found: list[tuple[SearchParam, tuple[Extractor, ...]]] = []
     for param in parameters_for(type).values():
         if not param.indexed or param.expression is None:
             continue
         tree = fhirpath.parse_tree(param.expression, search=True)
         operands = _operands(tree)
         kept = [op for op in operands if _applies(op.get("text", ""), type)]
+        compiled: tuple[Extractor, ...]
         if len(kept) == len(operands):
-            compiled: tuple[fhirpath.Compiled, ...] = (fhirpath.compile_tree(param.expression, tree),)
+            compiled = (_plain_path(param.expression, type) or fhirpath.compile_tree(param.expression, tree),)
         else:
-            compiled = tuple(fhirpath.compile_tree(f"{param.url}#{op['text']}", op) for op in kept)
+            compiled = tuple(
+                _plain_path(op.get("text", ""), type) or fhirpath.compile_tree(f"{param.url}#{op['text']}", op)
+                for op in kept
+            )
         if compiled:
             found.append((param, compiled))
     return tuple(found)
