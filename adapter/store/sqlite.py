@@ -69,7 +69,10 @@ class _Checkpointer:
         self._thread.join()
 
     def _loop(self) -> None:
-        conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
+        try:
+            conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
+        except sqlite3.Error:  # the writer's own checkpoint remains
+            return
         try:
             while True:
                 self._wanted.wait()
