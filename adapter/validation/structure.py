@@ -18,7 +18,7 @@ Expressions are FHIRPath with indexes on repeating elements; choice elements are
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from functools import cache
 from typing import Any
@@ -45,6 +45,13 @@ _REFERENCE = re.compile(
     r"|#[A-Za-z0-9\-.]{0,64}|urn:uuid:[0-9a-fA-F-]{36}|urn:oid:[0-2](?:\.(?:0|[1-9][0-9]*))+"
     r"|[a-z][a-z0-9+.-]*:\S+)"
 )
+
+
+# A subset of the valid codes: printable ASCII words joined by single spaces match R4's code regex
+# and have no leading or trailing whitespace.
+_CODE_FAST = re.compile(r"[!-~]+(?: [!-~]+)*")
+# Primitive types whose required binding is checked on the string itself.
+_CODED_STRINGS = ("code", "string", "uri")
 
 
 @cache
@@ -116,10 +123,20 @@ class _Spec:
         # Of a complex element: its table (the context it holds) and its invariants, on first use.
         self.table: _Table | None = None
         self.checks: tuple[Check, ...] = ()
-        # Fast path for the commonest value: a string primitive whose only check is its regex
-        # (no binding, no invariant, not xhtml, not code: codes also get a whitespace check).
-        plain = primitive and self.json_kind == "string" and code not in ("xhtml", "code")
-        self.fast = self.regex if plain and self.binding is None and not self.prim_checks else None
+        # Fast path for the commonest values, a test that only accepts values the full path passes
+        # without an issue (a value it rejects takes the full path): for a string primitive whose
+        # only check is its regex (no invariant, not xhtml), the regex, or for codes (which also get
+        # a whitespace check) a stricter one; for a string bound to a required ValueSet, membership
+        # in the codes that also pass those checks.
+        self.fast: Callable[[str], object] | None = None
+        regex = _CODE_FAST if code == "code" else self.regex
+        if primitive and self.json_kind == "string" and code != "xhtml" and not self.prim_checks and regex:
+            if self.binding is None:
+                self.fast = regex.fullmatch
+            elif code in _CODED_STRINGS:
+                self.fast = frozenset(
+                    c for codes in self.binding.values() for c in codes if regex.fullmatch(c)
+                ).__contains__
         # A complex element with nothing to check but its content: the walk goes straight to it.
         self.plain = self.kind == COMPLEX and self.targets is None and self.binding is None
 
@@ -250,7 +267,7 @@ class _Walk:
                     )
                 choices[spec.name] = key
             fast = spec.fast
-            if fast is not None and value.__class__ is str and fast.fullmatch(value) is not None:
+            if fast is not None and value.__class__ is str and fast(value):
                 if spec.repeats:
                     self.repeating(value, spec, (path, spec.segment))
                 continue
@@ -302,7 +319,7 @@ class _Walk:
                 self.complex(item, table, (path, at(index)), spec.checks)
             return
         for index, item in enumerate(value):
-            if fast is not None and item.__class__ is str and fast.fullmatch(item) is not None:
+            if fast is not None and item.__class__ is str and fast(item):
                 continue
             self.item(item, spec, (path, at(index)))
 
@@ -425,7 +442,7 @@ class _Walk:
         assert codes is not None
         vs = spec.value_set
         type_code = spec.type_code
-        if type_code in ("code", "string", "uri"):
+        if type_code in _CODED_STRINGS:
             if value.__class__ is str and not any(value in c for c in codes.values()):
                 self.error("code-invalid", f"Code {value!r} is not in the required ValueSet {vs}", path)
         elif type_code == "Coding":
