@@ -481,6 +481,23 @@ def _status(build: _Build, source: _Source, key: str, table: str) -> str | None:
     return code
 
 
+def _statuses(build: _Build, source: _Source, out: dict[str, Any], kind: str, erroneous: str) -> str | None:
+    """``clinicalStatus`` and ``verificationStatus`` through the ``{kind}-clinical`` and
+    ``{kind}-verification`` code maps; the R4 clinical code, None when there is none or R4 forbids
+    one (an entered-in-error record, ``erroneous`` says which and its invariant)."""
+    maps = build.tables.maps
+    clinical = _status(build, source, "clinicalStatus", f"{kind}-clinical")
+    verification = _status(build, source, "verificationStatus", f"{kind}-verification")
+    if clinical and verification == "entered-in-error":
+        build.unused(f"{source.label}.clinicalStatus", f"R4 has none on {erroneous}")
+        clinical = None
+    elif clinical:
+        out["clinicalStatus"] = maps[f"{kind}-clinical"].concept(clinical)
+    if verification:
+        out["verificationStatus"] = maps[f"{kind}-verification"].concept(verification)
+    return clinical
+
+
 def _patient(build: _Build, source: _Source, out: dict[str, Any], spec: _EntrySpec) -> None:
     practice = source.take("managingOrganization")
     practice_ref = (
@@ -509,16 +526,7 @@ def _patient(build: _Build, source: _Source, out: dict[str, Any], spec: _EntrySp
 
 
 def _condition(build: _Build, source: _Source, out: dict[str, Any], spec: _EntrySpec) -> None:
-    maps = build.tables.maps
-    clinical = _status(build, source, "clinicalStatus", "condition-clinical")
-    verification = _status(build, source, "verificationStatus", "condition-verification")
-    if clinical and verification == "entered-in-error":
-        build.unused(f"{source.label}.clinicalStatus", "R4 has none on an entered-in-error Condition (con-5)")
-        clinical = None
-    elif clinical:
-        out["clinicalStatus"] = maps["condition-clinical"].concept(clinical)
-    if verification:
-        out["verificationStatus"] = maps["condition-verification"].concept(verification)
+    clinical = _statuses(build, source, out, "condition", "an entered-in-error Condition (con-5)")
     abated = [key for key in out if key.startswith("abatement")]
     if abated and clinical not in ("inactive", "resolved", "remission"):
         reason = f"clinicalStatus is {clinical or 'absent'}: R4 allows no abatement then (con-4)"
@@ -574,15 +582,7 @@ def _observation(build: _Build, source: _Source, out: dict[str, Any], spec: _Ent
 
 
 def _allergy(build: _Build, source: _Source, out: dict[str, Any], spec: _EntrySpec) -> None:
-    maps = build.tables.maps
-    clinical = _status(build, source, "clinicalStatus", "allergy-clinical")
-    verification = _status(build, source, "verificationStatus", "allergy-verification")
-    if clinical and verification == "entered-in-error":
-        build.unused(f"{source.label}.clinicalStatus", "R4 has none on an entered-in-error allergy (ait-2)")
-    elif clinical:
-        out["clinicalStatus"] = maps["allergy-clinical"].concept(clinical)
-    if verification:
-        out["verificationStatus"] = maps["allergy-verification"].concept(verification)
+    _statuses(build, source, out, "allergy", "an entered-in-error allergy (ait-2)")
     names = build.tables.extension_names
     end = build.tables.extensions["allergy-end"]
     for extension in source.extensions(names, "allergy-end"):

@@ -151,15 +151,16 @@ class PostgresStore(SQLStore):
         A connection the server dropped while it sat in the pool (a restart, an idle timeout) fails
         its first statement: the read is run once more on a fresh one; reads change nothing, so
         running one twice is safe."""
-        for attempt in (1, 2):
-            reader: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
-            try:
-                async with (await self._reader_pool()).connection() as reader:
-                    return await run_steps_async(steps(), _execute_on(reader))
-            except psycopg.OperationalError:
-                if attempt == 2 or reader is None or not reader.broken:
-                    raise
-        raise AssertionError("unreachable")
+        reader: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+        try:
+            async with (await self._reader_pool()).connection() as reader:
+                return await run_steps_async(steps(), _execute_on(reader))
+        except psycopg.OperationalError:
+            if reader is None or not reader.broken:
+                raise
+        # The pool has discarded the broken connection: once more, on another.
+        async with (await self._reader_pool()).connection() as reader:
+            return await run_steps_async(steps(), _execute_on(reader))
 
     async def read(self, type: str, id: str) -> Resource:
         """Reads go straight from the event loop over a small pool of async connections (autocommit,
@@ -206,8 +207,7 @@ class PostgresStore(SQLStore):
                 raise
             # The server dropped the idle connection (a restart, an idle timeout). Nothing had
             # begun, so the transaction starts on a fresh connection instead of failing the write.
-            self._close_quietly()
-            self._conn = self._connect()
+            self._reconnect()
             self._conn.execute("BEGIN")
 
     def _lock(self, key: str) -> None:

@@ -220,9 +220,13 @@ class SQLStore:
 
     def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
         if self._conn is None or not self._usable(self._conn):
-            self._close_quietly()
-            self._conn = self._connect()
+            self._reconnect()
         return fn(*args)
+
+    def _reconnect(self) -> None:
+        """Drop the worker's connection (if any) and open a new one."""
+        self._close_quietly()
+        self._conn = self._connect()
 
     def _close_quietly(self) -> None:
         try:
@@ -455,28 +459,33 @@ class SQLStore:
         except Exception:  # nothing to roll back, or the connection is gone (which rolls back)
             self._close_quietly()
 
-    def _write(self, operations: list[Operation]) -> list[OperationResult]:
-        """Apply ``operations`` in one transaction; any error rolls all of them back."""
-        now = self._now()
+    @contextmanager
+    def _write_transaction(self) -> Iterator[None]:
+        """One write transaction: committed when the block ends, rolled back on any error (a loss
+        against another writer reported as :class:`Conflict`)."""
         self._begin()
         try:
-            results = self._apply_all(operations, now)
+            yield
             self._execute("COMMIT")
-            self._committed()
         except BaseException as exc:
             self._rollback()
             if self._contention(exc):
                 raise Conflict(f"the change clashed with another writer: {exc}") from exc
             raise
-        return results
+        self._committed()
+
+    def _write(self, operations: list[Operation]) -> list[OperationResult]:
+        """Apply ``operations`` in one transaction; any error rolls all of them back."""
+        now = self._now()
+        with self._write_transaction():
+            return self._apply_all(operations, now)
 
     def _write_groups(self, groups: list[list[Operation]]) -> list[list[OperationResult] | AdapterError]:
         """Apply each group all or nothing, in one database transaction with a savepoint per group:
         a group that fails is rolled back to its savepoint and the others go on."""
         now = self._now()
-        self._begin()
         outcomes: list[list[OperationResult] | AdapterError] = []
-        try:
+        with self._write_transaction():
             for group in groups:
                 self._execute("SAVEPOINT spfhir_group")
                 try:
@@ -485,13 +494,6 @@ class SQLStore:
                     self._execute("ROLLBACK TO SAVEPOINT spfhir_group")
                     outcomes.append(exc)
                 self._execute("RELEASE SAVEPOINT spfhir_group")
-            self._execute("COMMIT")
-            self._committed()
-        except BaseException as exc:
-            self._rollback()
-            if self._contention(exc):
-                raise Conflict(f"the change clashed with another writer: {exc}") from exc
-            raise
         return outcomes
 
     def _apply_all(self, operations: list[Operation], now: str) -> list[OperationResult]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from adapter.mapping.ids import deterministic_id, identity
 from adapter.search.query import parse_search
-from adapter.store import SQLiteStore
+from adapter.store import Conflict, SQLiteStore
 from tests.api.conftest import FHIR_JSON, patient
 
 pytestmark = pytest.mark.anyio
@@ -91,6 +92,22 @@ async def test_a_record_the_store_refuses_leaves_nothing_of_it(client: httpx.Asy
         await _count(store, "ServiceRequest", identifier="https://sp-fhir-adapter.org/fhir/Id/referral-id|REF-0009")
         == 1
     )
+
+
+async def test_records_are_stored_one_by_one_when_the_shared_commit_is_refused(
+    client: httpx.AsyncClient, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refused(groups: Any) -> Any:
+        raise Conflict("the store is locked by another writer")
+
+    monkeypatch.setattr(store, "transactions", refused)
+    rows = (CASES / "basic" / "input.csv").read_text().splitlines()
+    other = rows[1].replace("REF-0001", "REF-0009").replace("999 000 0018", "9990000026")
+    response = await _ingest(client, "\n".join([rows[0], rows[1], other]).encode())
+    assert response.status_code == 200, response.text
+    assert "2 records, 2 stored, 0 rejected" in response.json()["issue"][0]["diagnostics"]
+    assert await _count(store, "ServiceRequest") == 2
+    assert await _count(store, "Patient", identifier=f"{NHS}|9990000026") == 1
 
 
 async def test_xml_and_json_sources(client: httpx.AsyncClient, store: SQLiteStore) -> None:
