@@ -21,14 +21,19 @@ connection and sends its next request as soon as the previous one is answered. R
 requests per second, p50 and p99 latency (ms, of successful requests), errors (any non-2xx answer or
 transport error; the first one is shown), and the share of one core the load generator itself used.
 
-The load generator is not free: httpx costs 0.5-0.6 ms of CPU per request here, so one process tops out
-near 1,400-1,500 requests/s even against a server that does nothing (hence several generator processes),
-and on a 2-core machine it takes CPU the server would otherwise use (the text report shows its CPU share
-per cell; near 100 % means the figure is the generator's limit, not the server's). The run measures that
-ceiling first (the same generator against a trivial HTTP server in another process) and prints it with
-the results. Two choices keep it as high as it is: one ``AsyncClient`` per client rather than one shared
-pool (httpcore's pool looks at every connection on every request: 16 clients through one pool get about
-40 % of the rate), and ``sniffio`` recorded as absent (see :data:`_SNIFFIO`).
+The load generator is not free, and it shares the machine's two cores with the server. With httpx's
+default transport (httpcore, h11, anyio) a request cost it about 0.5-0.6 ms of CPU, more than a read
+costs our server, so at 16 clients it took about 1.4 of the 2 cores and the figures measured it as much
+as the servers. It now runs httpx over :class:`bench._http.LeanTransport` (one keep-alive connection
+per client, llhttp's parser from ``httptools``) on uvloop: about 0.2 ms per request, the same
+``httpx.AsyncClient`` API and the same requests for every server. ``--transport httpcore`` measures
+with httpx's default transport instead. The run first measures the generator's ceiling (the same
+generator against a trivial HTTP server in another process) and prints it with the results; each cell
+shows the generator's CPU share, and the server's CPU time per request (its process group, from
+``/proc``; PostgreSQL's own processes are not counted), which other work on the machine disturbs much
+less than the rates. One ``AsyncClient`` per client rather than one shared pool (httpcore's pool looks
+at every connection on every request: 16 clients through one pool get about 40 % of the rate), and
+``sniffio`` recorded as absent (see :data:`_SNIFFIO`), keep the httpcore transport as fast as it goes.
 
 Scenarios:
 
@@ -71,11 +76,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlencode
 
 import httpx
@@ -83,6 +88,12 @@ import orjson
 from nhs_number.validate import calculate_checksum
 
 from bench import sekmet
+from bench._http import LeanTransport
+
+try:
+    import uvloop
+except ImportError:  # the bench runs without it, on asyncio's own loop
+    uvloop = None  # type: ignore[assignment]
 
 #: httpcore (under httpx) tries ``import sniffio`` on every request; anyio 4 no longer installs sniffio,
 #: and a failed import searches the whole of sys.path each time (about a third of the generator's CPU).
@@ -90,6 +101,8 @@ from bench import sekmet
 _SNIFFIO = importlib.util.find_spec("sniffio") is not None
 if not _SNIFFIO:
     sys.modules["sniffio"] = None  # type: ignore[assignment]
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 SPFHIR = ROOT / ".venv" / "bin" / "spfhir"
@@ -186,6 +199,9 @@ class Measurement:
     errors: int
     first_error: str | None
     client_cpu: float  # share of one core used by the generator process(es) while measuring
+    #: CPU time the server's processes used per successful request while measuring (µs); None when not
+    #: known. Less sensitive than the rates to other work on the machine.
+    server_us: float | None = None
     latencies: list[float] = field(default_factory=list, repr=False)
 
 
@@ -236,6 +252,34 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+#: base URL -> process group of the server answering there (each server runs in a session of its own).
+SERVER_GROUPS: dict[str, int] = {}
+
+
+def group_cpu_seconds(base: str) -> float | None:
+    """User + system CPU seconds of the live processes in the process group of the server at ``base``
+    (uvicorn's worker processes included; not PostgreSQL's backends, which run in their own group)."""
+    group = SERVER_GROUPS.get(base)
+    if group is None or not Path("/proc/self/stat").exists():
+        return None
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # Fields after the command (which may hold spaces) in parentheses: pgrp is the 3rd, utime and
+            # stime the 12th and 13th (proc(5)).
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group:
+                ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def server_us(base: str, before: float | None, measurement: Measurement) -> None:
+    """Fill ``measurement.server_us`` from the server's CPU seconds ``before`` the measured load and now."""
+    after = group_cpu_seconds(base)
+    if before is not None and after is not None and measurement.ok:
+        measurement.server_us = (after - before) / measurement.ok * 1e6
 
 
 def clean_environment() -> dict[str, str]:
@@ -292,21 +336,28 @@ class ServerProcess:
                 return
 
 
-#: A server that answers every request with ``{}`` at once (stdlib asyncio): what the generator can do.
+#: A server that answers every request with ``{}`` at once (an asyncio Protocol on uvloop, so that it
+#: costs less than the generator): what the generator can do.
 TRIVIAL_SERVER = """
 import asyncio, sys
 ANSWER = b"HTTP/1.1 200 OK\\r\\ncontent-type: application/json\\r\\ncontent-length: 2\\r\\n\\r\\n{}"
-async def answer(reader, writer):
-    try:
-        while True:
-            await reader.readuntil(b"\\r\\n\\r\\n")
-            writer.write(ANSWER)
-    except (asyncio.IncompleteReadError, ConnectionError):
-        writer.close()
+class Answer(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.buffer = transport, b""
+    def data_received(self, data):
+        self.buffer += data
+        requests = self.buffer.count(b"\\r\\n\\r\\n")  # the ceiling sends GETs only: no bodies
+        if requests:
+            self.buffer = self.buffer[self.buffer.rindex(b"\\r\\n\\r\\n") + 4 :]
+            self.transport.write(ANSWER * requests)
 async def main():
-    server = await asyncio.start_server(answer, "127.0.0.1", int(sys.argv[1]))
+    server = await asyncio.get_running_loop().create_server(Answer, "127.0.0.1", int(sys.argv[1]))
     await server.serve_forever()
-asyncio.run(main())
+try:
+    import uvloop
+except ImportError:
+    uvloop = None
+(uvloop.run if uvloop else asyncio.run)(main())
 """
 
 
@@ -377,8 +428,10 @@ def running(target: Target, postgres: Postgres, spfhir: list[str] | None = None)
             base = f"http://127.0.0.1:{port}/fhir"
         server = ServerProcess(argv, folder, folder / "server.log")
         server.wait_ready(base)
+        SERVER_GROUPS[base] = server.process.pid
         yield base
     finally:
+        SERVER_GROUPS.pop(base, None)
         if server is not None:
             server.stop()
         shutil.rmtree(folder, ignore_errors=True)
@@ -390,9 +443,22 @@ def running(target: Target, postgres: Postgres, spfhir: list[str] | None = None)
 Request = tuple[str, str, bytes | None]
 
 
+#: The generator's httpx transport: "lean" (:class:`bench._http.LeanTransport`) or "httpcore" (httpx's
+#: default); set from ``--transport`` before any client is made (generator processes are forked).
+TRANSPORT = "lean"
+
+
 def make_client(base: str, connections: int = 1, timeout: float = 60.0) -> httpx.AsyncClient:
+    transport = LeanTransport() if TRANSPORT == "lean" and connections == 1 else None
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    return httpx.AsyncClient(base_url=base, limits=limits, timeout=timeout, headers={"Accept": FHIR_JSON})
+    return httpx.AsyncClient(
+        base_url=base, limits=limits, timeout=timeout, headers={"Accept": FHIR_JSON}, transport=transport
+    )
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run the generator's event loop: uvloop when installed (less CPU per request), else asyncio's."""
+    return uvloop.run(main) if uvloop is not None else asyncio.run(main)
 
 
 @contextlib.asynccontextmanager
@@ -556,7 +622,7 @@ def _spread_worker(
             measured = await load(pool, make, seconds, keep=True)
         return measured.latencies, measured.errors, measured.first_error, measured.client_cpu
 
-    return asyncio.run(run())
+    return run_loop(run())
 
 
 def load_spread(base: str, scenario: str, data: Seeded, clients: int, options: Options) -> Measurement:
@@ -585,6 +651,11 @@ def load_spread(base: str, scenario: str, data: Seeded, clients: int, options: O
             )
             for i, share in enumerate(shares)
         ]
+        # The server's CPU over the measured seconds, which the generator processes start at start_at.
+        time.sleep(max(0.0, start_at - time.time()))
+        before = group_cpu_seconds(base)
+        time.sleep(options.seconds)
+        after = group_cpu_seconds(base)
         results = [future.result() for future in futures]
     latencies = sorted(x for result in results for x in result[0])
     ms = [x * 1000 for x in latencies] or [math.nan]
@@ -597,6 +668,7 @@ def load_spread(base: str, scenario: str, data: Seeded, clients: int, options: O
         errors=errors,
         first_error=next((r[2] for r in results if r[2]), None),
         client_cpu=sum(result[3] for result in results),
+        server_us=None if before is None or after is None or not latencies else (after - before) / len(latencies) * 1e6,
     )
 
 
@@ -685,7 +757,9 @@ async def measure_target(target: Target, base: str, options: Options, report: Re
                         make = request_maker(scenario, data, rng)
                         if options.warmup > 0:
                             await load(pool, make, options.warmup)
+                        before = group_cpu_seconds(base)
                         outcome = await load(pool, make, options.seconds)
+                        server_us(base, before, outcome)
         report(target, (scenario, clients), outcome)
 
 
@@ -729,6 +803,8 @@ def show(outcome: Outcome | None, markdown: bool = False) -> str:
     else:
         text = f"{outcome.rate:8,.0f} req/s  p50 {outcome.p50_ms:6.1f} ms  p99 {outcome.p99_ms:6.1f} ms"
         text += f"  client CPU {outcome.client_cpu:4.0%}"
+        if outcome.server_us is not None:
+            text += f"  server CPU {outcome.server_us:5.0f} µs/req"
     if outcome.errors:
         text += f"{' ·' if markdown else ''} {outcome.errors} errors (first: {outcome.first_error})"
     return text
@@ -811,7 +887,8 @@ def environment(sekmet_version: str | None, load_average: float) -> str:
         stack += f", sekmet-fhir {sekmet_version} on {'uvloop + httptools' if theirs_fast else 'asyncio + h11'}"
     return (
         f"Python {platform.python_version()}, {platform.platform(terse=True)}, {cpu}, {os.cpu_count()} cores, "
-        f"load average {load_average:.2f} at start; httpx {httpx.__version__} load generator in one process; {stack}"
+        f"load average {load_average:.2f} at start; httpx {httpx.__version__} load generator ({TRANSPORT} transport"
+        f"{', uvloop' if uvloop is not None else ''}); {stack}"
     )
 
 
@@ -880,6 +957,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="load generator processes for more than one client (default 2; one httpx process tops out"
         " near 1,400 requests/s on this machine)",
     )
+    parser.add_argument(
+        "--transport",
+        choices=("lean", "httpcore"),
+        default="lean",
+        help="the generator's httpx transport: lean (bench/_http.py, about a third of the CPU per request) or"
+        " httpcore (httpx's default); default lean",
+    )
     parser.add_argument("--markdown", action="store_true", help="print the table for docs/benchmarks.md")
     parser.add_argument(
         "--spfhir",
@@ -910,7 +994,9 @@ def targets_of(args: argparse.Namespace) -> list[Target]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global TRANSPORT
     args = parse_args(argv)
+    TRANSPORT = args.transport
     options = Options(
         scenarios=[s for s in SCENARIOS if s in parse_list(args.scenarios)],
         concurrency=sorted({int(c) for c in parse_list(args.concurrency)}),
@@ -948,7 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     try:
         with running(Target("trivial", "none", 1, "trivial server"), postgres) as base:
-            ceiling = asyncio.run(measure_ceiling(base, options))
+            ceiling = run_loop(measure_ceiling(base, options))
         print(ceiling_line(ceiling), file=sys.stderr, flush=True)
         for target in targets:
             try:
@@ -956,7 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
                     sekmet_version = sekmet.ensure_installed()
                 with running(target, postgres, shlex.split(args.spfhir)) as base:
                     print(f"[{target.label}] serving {base}", file=sys.stderr, flush=True)
-                    asyncio.run(measure_target(target, base, options, report))
+                    run_loop(measure_target(target, base, options, report))
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 for cell in cells(options):
                     report(target, cell, Failed(f"server did not start: {exc}"))
