@@ -20,7 +20,7 @@ the next call.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -95,6 +95,7 @@ class PostgresStore(SQLStore):
 
     tiebreak = "seq"
     current_sql = "SELECT version, deleted, json FROM resources WHERE type = ? AND id = ? FOR UPDATE"
+    row_lock = " FOR UPDATE"
 
     put_resource_sql = """
         INSERT INTO resources (type, id, version, last_updated, deleted, json, content)
@@ -213,6 +214,26 @@ class PostgresStore(SQLStore):
     def _lock(self, key: str) -> None:
         # Held to the end of the transaction: every other writer of this key waits here.
         self._conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+
+    def _lock_all(self, keys: Iterable[str]) -> None:
+        # One round trip for them all; unnest gives the (sorted) array in order.
+        ordered = sorted(set(keys))
+        if ordered:
+            self._conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(key, 0)) FROM unnest(%s::text[]) AS key", (ordered,)
+            )
+
+    def _token_rows(self, type: str, param: str, codes: list[str]) -> Rows:
+        # One lookup of the (type, param, code) index per code, whatever the planner believes: on
+        # a table filled since its last ANALYZE it takes (type, param) as selective enough and
+        # filters every row of the parameter for the codes of an IN list. OFFSET 0 keeps the
+        # LATERAL subquery from being flattened into such a join.
+        return self._execute(
+            "SELECT t.code, t.system, t.id FROM unnest(?::text[]) AS v(code) CROSS JOIN LATERAL ("
+            " SELECT s.code, s.system, s.id FROM sp_token s JOIN resources r ON r.type = s.type AND r.id = s.id"
+            " WHERE s.type = ? AND s.param = ? AND s.code = v.code AND NOT r.deleted OFFSET 0) AS t",
+            [codes, type, param],
+        )
 
     def _interrupt(self) -> None:
         conn = self._conn

@@ -9,6 +9,10 @@ accept, with ``?`` placeholders; a subclass supplies the connection and the few 
 write transaction starts and serialises writers, how a running statement is interrupted, the
 history table's insertion-order column).
 
+Bulk loads. ``transactions`` of groups that are all creates with a token condition or none
+(``$ingest``) reads every condition and current row of the call in a few statements up front and
+writes the whole call at the end (``_Window``, issue #5); anything else goes group by group.
+
 Threading. Every call runs on one worker thread that owns the store's only connection (a
 single-thread executor, so calls run one at a time in arrival order and the event loop never waits
 on the database). When the awaiting task is cancelled, the running statement is interrupted
@@ -21,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -30,8 +34,8 @@ from typing import Any, TypeVar
 
 from adapter.errors import AdapterError, InputError
 from adapter.fhir.json_format import dumps, loads
-from adapter.search.index import index_values
-from adapter.search.query import SearchQuery, parse_search
+from adapter.search.index import IndexRows, index_values
+from adapter.search.query import SearchQuery, TokenValue, parse_search
 from adapter.store._common import (
     check_id,
     check_type,
@@ -109,14 +113,27 @@ def _blame(index: int) -> Iterator[None]:
         raise
 
 
+#: The current version of one resource as planning sees it: (version, deleted, json).
+Current = tuple[int, bool, str | None]
+
+
 @dataclass(slots=True)
 class _Batch:
     """The rows a write transaction writes, gathered so that each table gets one ``executemany``
-    (many fewer round trips to PostgreSQL for a large transaction)."""
+    (many fewer round trips to PostgreSQL for a large transaction); ``stored`` lists the versions
+    written with their index rows (None for a delete), for :class:`_Window`."""
 
     versions: list[tuple[Any, ...]] = field(default_factory=list)
     unindex: list[tuple[str, str]] = field(default_factory=list)
     index: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    stored: list[tuple[str, str, Current, IndexRows | None]] = field(default_factory=list)
+
+    def extend(self, other: _Batch) -> None:
+        self.versions += other.versions
+        self.unindex += other.unindex
+        for sql, rows in other.index.items():
+            self.index.setdefault(sql, []).extend(rows)
+        self.stored += other.stored
 
 
 @dataclass(slots=True)
@@ -125,8 +142,189 @@ class _Plan:
 
     operation: Operation
     id: str
-    current: tuple[int, bool, str | None] | None
+    current: Current | None
     matched: bool = False
+
+
+def _criteria(operation: Operation) -> str:
+    """``Type?criteria`` of a conditional operation: its lock key, and how errors name it."""
+    assert operation.condition is not None
+    return f"{operation.type}?{operation.condition.criteria_text}"
+
+
+#: A condition :class:`_Window` answers for a whole window: (type, token parameter, its values ORed).
+_TokenCondition = tuple[str, str, tuple[TokenValue, ...]]
+
+
+def _token_condition(operation: Operation) -> _TokenCondition | None:
+    """The condition of a create that is one plain token criterion with codes (what ``$ingest``'s
+    ``If-None-Exist`` on a business identifier is), or None for anything else."""
+    query = operation.condition
+    if operation.method != "create" or query is None or query.type != operation.type or len(query.criteria) != 1:
+        return None
+    criterion = query.criteria[0]
+    if (
+        criterion.param.type != "token"
+        # _id and _lastUpdated are answered from the resources table, not from sp_token.
+        or criterion.param.code.startswith("_")
+        or criterion.modifier is not None
+        or criterion.missing is not None
+        or criterion.chain
+        or not criterion.values
+    ):
+        return None
+    values: list[TokenValue] = []
+    for value in criterion.values:
+        if not isinstance(value, TokenValue) or value.code is None:
+            return None
+        values.append(value)
+    return query.type, criterion.param.code, tuple(values)
+
+
+def _token_matches(value: TokenValue, system: str | None) -> bool:
+    """Whether an index row's system meets ``value``'s, as the SQL of
+    :func:`adapter.store._search_sql.criterion_ids` decides it (the codes are equal already)."""
+    if value.system is None:
+        return True
+    if value.system == "":
+        return system is None
+    return system == value.system
+
+
+class _Undecided(Exception):
+    """Raised by :class:`_Window` for what it cannot answer exactly from what it holds; nothing has
+    been written yet, so the window is planned again group by group against the database."""
+
+
+class _Direct:
+    """Planning's lookups one statement at a time, each after its lock (the general path)."""
+
+    def __init__(self, store: SQLStore) -> None:
+        self._store = store
+
+    def match(self, operation: Operation) -> list[str]:
+        assert operation.condition is not None
+        # Two conditional writes with the same criteria must not both find nothing and both create.
+        self._store._lock(_criteria(operation))
+        return self._store._match(operation.condition)
+
+    def current(self, type: str, id: str) -> Current | None:
+        return self._store._current(type, id)
+
+
+class _Window:
+    """Planning's lookups for a window of groups that are all creates with a token condition or
+    none (``$ingest``'s conditional creates on business identifiers,
+    https://hl7.org/fhir/R4/http.html#ccreate): the conditions and the current rows they lead to
+    are read up front, a few statements for the whole window instead of two per resource, and what
+    each group stores is added here instead of being written, so the later groups see it (the
+    database gets the whole window in one write at the end). The answers are those of
+    :class:`_Direct`: a condition matches the resources whose token index rows meet it, which here
+    are the database's plus those of the window's earlier groups. The locks are the ones
+    :class:`_Direct` takes, all taken before anything is read: each condition's criteria, then
+    ``Type/id`` of every resource whose current row is read. Build it with :meth:`open`."""
+
+    def __init__(self, store: SQLStore, conditions: dict[int, _TokenCondition]) -> None:
+        self._store = store
+        # id() of each conditional operation of the window -> its condition.
+        self._conditions = conditions
+        self._matches: dict[_TokenCondition, set[str]] = {}
+        self._current: dict[tuple[str, str], Current | None] = {}
+        # (type, param, code) -> the conditions with a value of that code: what a new resource's
+        # token rows are checked against.
+        self._watch: dict[tuple[str, str, str], list[tuple[_TokenCondition, TokenValue]]] = {}
+
+    @classmethod
+    def open(cls, store: SQLStore, groups: list[list[Operation]]) -> _Window | None:
+        """Lock and read what ``groups`` need, or None (having done nothing) unless every
+        operation is a create with a token condition or none."""
+        conditions: dict[int, _TokenCondition] = {}
+        for group in groups:
+            for operation in group:
+                if operation.condition is None:
+                    if operation.method != "create":
+                        return None
+                    continue
+                key = _token_condition(operation)
+                if key is None:
+                    return None
+                conditions[id(operation)] = key
+        window = cls(store, conditions)
+        store._lock_all(
+            _criteria(operation) for group in groups for operation in group if operation.condition is not None
+        )
+        window._read_matches(set(conditions.values()))
+        wanted: set[tuple[str, str]] = set()
+        for group in groups:
+            for operation in group:
+                key = conditions.get(id(operation))
+                found = window._matches[key] if key is not None else ()
+                if len(found) == 1:
+                    wanted.add((operation.type, next(iter(found))))
+                elif not found and operation.id is not None:
+                    wanted.add((operation.type, operation.id))
+        store._lock_all(f"{type}/{id}" for type, id in wanted)
+        window._read_current(wanted)
+        return window
+
+    def _read_matches(self, conditions: set[_TokenCondition]) -> None:
+        """The ids each condition matches in the database: one statement per (type, parameter),
+        the token criterion's SQL with the codes of all the window's conditions in one IN list."""
+        codes: dict[tuple[str, str], set[str]] = {}
+        for key in conditions:
+            self._matches[key] = set()
+            type, param, values = key
+            for value in values:
+                assert value.code is not None
+                codes.setdefault((type, param), set()).add(value.code)
+                self._watch.setdefault((type, param, value.code), []).append((key, value))
+        for (type, param), wanted in codes.items():
+            for code, system, id in self._store._token_rows(type, param, sorted(wanted)):
+                for key, value in self._watch[(type, param, code)]:
+                    if _token_matches(value, system):
+                        self._matches[key].add(id)
+
+    def _read_current(self, wanted: set[tuple[str, str]]) -> None:
+        ids: dict[str, list[str]] = {}
+        for type, id in sorted(wanted):
+            self._current[(type, id)] = None
+            ids.setdefault(type, []).append(id)
+        for type, of_type in ids.items():
+            for start in range(0, len(of_type), _CHUNK):
+                chunk = of_type[start : start + _CHUNK]
+                rows = self._store._execute(
+                    "SELECT id, version, deleted, json FROM resources"
+                    f" WHERE type = ? AND id IN ({', '.join('?' * len(chunk))}){self._store.row_lock}",
+                    [type, *chunk],
+                )
+                for id, version, deleted, text in rows:
+                    self._current[(type, id)] = (int(version), bool(deleted), text)
+
+    def match(self, operation: Operation) -> list[str]:
+        return sorted(self._matches[self._conditions[id(operation)]])
+
+    def current(self, type: str, id: str) -> Current | None:
+        if (type, id) in self._current:
+            return self._current[(type, id)]
+        # Neither read up front nor stored by a group of the window (a fresh uuid4): the database knows.
+        return self._store._current(type, id)
+
+    def stored(self, batch: _Batch) -> None:
+        """Take in what a group stores (only new resources: every operation is a create)."""
+        for type, id, current, rows in batch.stored:
+            self._current[(type, id)] = current
+            if rows is None:  # a delete, which open() lets in no window
+                raise _Undecided
+            for param, system, code in rows.tokens:
+                watching = self._watch.get((type, param, code))
+                if not watching:
+                    continue
+                if system is not None and not isinstance(system, str):
+                    # The database would store it as text, in its own way: let it decide.
+                    raise _Undecided
+                for key, value in watching:
+                    if _token_matches(value, system):
+                        self._matches[key].add(id)
 
 
 class SQLStore:
@@ -136,6 +334,8 @@ class SQLStore:
     tiebreak = "rowid"
     #: SELECT of (version, deleted, json) of one resource, taking whatever lock the dialect needs.
     current_sql = "SELECT version, deleted, json FROM resources WHERE type = ? AND id = ?"
+    #: What ends a SELECT of current rows to take the dialect's row locks (as :attr:`current_sql` does).
+    row_lock = ""
     #: Writing a version: (type, id, version, last_updated, deleted, json) into both tables.
     put_resource_sql = """
         INSERT INTO resources (type, id, version, last_updated, deleted, json) VALUES (?, ?, ?, ?, ?, ?)
@@ -186,6 +386,12 @@ class SQLStore:
     def _lock(self, key: str) -> None:
         """Serialise writers of ``key`` (``Type/id``, or a conditional operation's criteria) until
         the transaction ends; nothing to do where a write transaction locks the whole database."""
+
+    def _lock_all(self, keys: Iterable[str]) -> None:
+        """:meth:`_lock` each of ``keys``, in sorted order (writers that lock in one order cannot
+        deadlock each other)."""
+        for key in sorted(set(keys)):
+            self._lock(key)
 
     def _interrupt(self) -> None:
         """Stop the statement running on the worker thread (called from the event loop's thread)."""
@@ -443,6 +649,20 @@ class SQLStore:
             included += yield from self._resource_steps(type, fresh)
         return included
 
+    def _token_rows(self, type: str, param: str, codes: list[str]) -> Rows:
+        """(code, system, id) of the ``param`` token index rows with any of ``codes``, of ``type``
+        resources that are not deleted: the rows :func:`adapter.store._search_sql.criterion_ids`
+        looks at for a token criterion, for many codes at once."""
+        rows: Rows = []
+        for start in range(0, len(codes), _CHUNK):
+            chunk = codes[start : start + _CHUNK]
+            rows += self._execute(
+                "SELECT t.code, t.system, t.id FROM sp_token t JOIN resources r ON r.type = t.type AND r.id = t.id"
+                f" WHERE t.type = ? AND t.param = ? AND t.code IN ({', '.join('?' * len(chunk))}) AND NOT r.deleted",
+                [type, param, *chunk],
+            )
+        return rows
+
     def _match(self, query: SearchQuery) -> list[str]:
         """Up to two ids that meet a condition: enough to tell none, one and several apart."""
         sql, params = search_sql(query)
@@ -481,45 +701,83 @@ class SQLStore:
             return self._apply_all(operations, now)
 
     def _write_groups(self, groups: list[list[Operation]]) -> list[list[OperationResult] | AdapterError]:
-        """Apply each group all or nothing, in one database transaction with a savepoint per group:
-        a group that fails is rolled back to its savepoint and the others go on."""
+        """Apply each group all or nothing, all in one database transaction. A window of creates
+        with token conditions (``$ingest``) goes through :meth:`_write_window`; any other, or one
+        that it cannot decide, group by group with a savepoint each: a group that fails is rolled
+        back to its savepoint and the others go on."""
         now = self._now()
         outcomes: list[list[OperationResult] | AdapterError] = []
         with self._write_transaction():
+            window = _Window.open(self, groups)
+            if window is not None:
+                try:
+                    return self._write_window(groups, now, window)
+                except _Undecided:
+                    pass  # nothing is written yet: the general path below decides
+            lookups = _Direct(self)
             for group in groups:
                 self._execute("SAVEPOINT spfhir_group")
                 try:
-                    outcomes.append(self._apply_all(group, now))
+                    outcomes.append(self._apply_all(group, now, lookups))
                 except AdapterError as exc:
                     self._execute("ROLLBACK TO SAVEPOINT spfhir_group")
                     outcomes.append(exc)
                 self._execute("RELEASE SAVEPOINT spfhir_group")
         return outcomes
 
-    def _apply_all(self, operations: list[Operation], now: str) -> list[OperationResult]:
+    def _write_window(
+        self, groups: list[list[Operation]], now: str, window: _Window
+    ) -> list[list[OperationResult] | AdapterError]:
+        """Plan every group against :class:`_Window` and write what the groups that succeed store,
+        in one flush at the end: a group that fails leaves nothing behind without a savepoint, since
+        nothing is written while planning. The results are those of the general path."""
+        outcomes: list[list[OperationResult] | AdapterError] = []
+        batch = _Batch()
+        for group in groups:
+            mine = _Batch()
+            try:
+                outcomes.append(self._plan_and_apply(group, now, window, mine))
+            except AdapterError as exc:
+                outcomes.append(exc)
+                continue
+            window.stored(mine)
+            batch.extend(mine)
+        self._flush(batch)
+        return outcomes
+
+    def _apply_all(
+        self, operations: list[Operation], now: str, lookups: _Direct | None = None
+    ) -> list[OperationResult]:
         """Plan and write ``operations`` inside the open transaction (see :meth:`ResourceStore.transaction`)."""
+        batch = _Batch()
+        results = self._plan_and_apply(operations, now, lookups or _Direct(self), batch)
+        self._flush(batch)
+        return results
+
+    def _plan_and_apply(
+        self, operations: list[Operation], now: str, lookups: _Direct | _Window, batch: _Batch
+    ) -> list[OperationResult]:
+        """Plan ``operations`` and gather what they write in ``batch``; raises the first error."""
         seen: set[tuple[str, str]] = set()
         plans: list[_Plan] = []
         for index, operation in enumerate(operations):
             with _blame(index):
-                plans.append(self._plan(operation, seen))
+                plans.append(self._plan(operation, seen, lookups))
         mapping = {
             plan.operation.full_url: f"{plan.operation.type}/{plan.id}" for plan in plans if plan.operation.full_url
         }
         results: list[OperationResult] = []
-        batch = _Batch()
         for index, plan in enumerate(plans):
             with _blame(index):
                 results.append(self._apply(plan, now, mapping, batch))
-        self._flush(batch)
         return results
 
-    def _current(self, type: str, id: str) -> tuple[int, bool, str | None] | None:
+    def _current(self, type: str, id: str) -> Current | None:
         self._lock(f"{type}/{id}")
         rows = self._execute(self.current_sql, (type, id))
         return None if not rows else (int(rows[0][0]), bool(rows[0][1]), rows[0][2])
 
-    def _plan(self, operation: Operation, seen: set[tuple[str, str]]) -> _Plan:
+    def _plan(self, operation: Operation, seen: set[tuple[str, str]], lookups: _Direct | _Window) -> _Plan:
         """Decide which resource ``operation`` changes (conditions are evaluated here) and check it may."""
         if operation.resource is not None:
             check_type(operation.resource.get("resourceType"))
@@ -528,19 +786,18 @@ class SQLStore:
         check_type(operation.type)
         matched = False
         if operation.condition is not None:
-            # Two conditional writes with the same criteria must not both find nothing and both create.
-            self._lock(f"{operation.type}?{operation.condition.criteria_text}")
-            matches = self._match(operation.condition)
-            what = f"{operation.type}?{operation.condition.criteria_text}"
+            matches = lookups.match(operation)
             if len(matches) > 1:
-                raise VersionConflict(f"the condition {what} matches more than one resource", expression="request.url")
+                raise VersionConflict(
+                    f"the condition {_criteria(operation)} matches more than one resource", expression="request.url"
+                )
             if operation.method == "create":
                 matched = bool(matches)
                 id = matches[0] if matches else (operation.id or str(uuid.uuid4()))
             elif matches:
                 if operation.id is not None and operation.id != matches[0]:
                     raise InputError(
-                        f"the condition {what} matches {operation.type}/{matches[0]},"
+                        f"the condition {_criteria(operation)} matches {operation.type}/{matches[0]},"
                         f" not the body's id {operation.id!r}",
                         expression="id",
                     )
@@ -562,7 +819,7 @@ class SQLStore:
             # https://hl7.org/fhir/R4/http.html#trules: overlapping identities SHALL fail the transaction.
             raise Conflict(f"{operation.type}/{id} is changed twice in one transaction")
         seen.add(key)
-        current = self._current(operation.type, id)
+        current = lookups.current(operation.type, id)
         if operation.if_match is not None:
             expected = version_of(operation.if_match)
             if current is None or str(current[0]) != expected:
@@ -589,13 +846,17 @@ class SQLStore:
             if deleted:
                 return OperationResult(operation.type, id, str(version), False, None)
             batch.versions.append(self._row(operation.type, id, version + 1, now, None))
+            batch.stored.append((operation.type, id, (version + 1, True, None), None))
             return OperationResult(operation.type, id, str(version + 1), False, None)
         assert operation.resource is not None
         resource = rewrite_references(operation.resource, mapping) if mapping else operation.resource
         version = 1 if current is None else current[0] + 1
         stamped = with_meta(resource, id, version, now)
-        batch.versions.append(self._row(operation.type, id, version, now, dumps(stamped).decode("utf-8")))
-        index_inserts(operation.type, id, index_values(stamped), batch.index)
+        text = dumps(stamped).decode("utf-8")
+        batch.versions.append(self._row(operation.type, id, version, now, text))
+        rows = index_values(stamped)
+        index_inserts(operation.type, id, rows, batch.index)
+        batch.stored.append((operation.type, id, (version, False, text), rows))
         created = current is None or current[1]
         return OperationResult(operation.type, id, str(version), created, stamped)
 

@@ -26,7 +26,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -208,6 +208,10 @@ class SQLiteStore(SQLStore):
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             raise Conflict(f"the store is locked by another writer: {exc}") from exc
+
+    def _lock_all(self, keys: Iterable[str]) -> None:
+        """Nothing to lock (``BEGIN IMMEDIATE`` holds the whole database), so ``keys`` is not even
+        computed."""
 
     def _interrupt(self) -> None:
         conn = self._conn

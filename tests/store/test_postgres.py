@@ -18,7 +18,7 @@ pytest.importorskip("psycopg", reason="psycopg is not installed")
 import psycopg
 
 from adapter.search.query import parse_search
-from adapter.store import Conflict, Gone, NotFound, VersionConflict
+from adapter.store import Conflict, Gone, NotFound, Operation, VersionConflict
 from adapter.store.postgres import PostgresStore
 from adapter.store.sql import Steps
 from tests.store import killed_writer
@@ -88,6 +88,40 @@ async def test_two_stores_creating_one_client_id_are_serialised(postgres_dsn: st
         )
         assert sorted(r["meta"]["versionId"] for r, _ in outcomes) == ["1", "2", "3", "4"]
         assert [created for r, created in outcomes if r["meta"]["versionId"] == "1"] == [True]
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_stores_ingesting_the_same_window_create_each_resource_once(postgres_dsn: str) -> None:
+    """Windows of conditional creates (``$ingest``) on separate stores: the criteria locks, all
+    taken before the window reads anything, keep two of them from both finding nothing and both
+    creating, even without client ids (each store would create its own uuid4)."""
+    nhs = "https://fhir.nhs.uk/Id/nhs-number"
+
+    def window(round: int) -> list[list[Operation]]:
+        return [
+            [
+                Operation.create(
+                    {"resourceType": "Patient", "identifier": [{"system": nhs, "value": f"{round}-{n}"}]},
+                    if_none_exist=parse_search("Patient", [("identifier", f"{nhs}|{round}-{n}")]),
+                )
+            ]
+            for n in range(8)
+        ]
+
+    stores = [PostgresStore(postgres_dsn) for _ in range(4)]
+    try:
+        for round in range(5):
+            outcomes = await asyncio.gather(*(store.transactions(window(round)) for store in stores))
+            created = [
+                r for groups in outcomes for group in groups if isinstance(group, list) for r in group if r.created
+            ]
+            assert len(created) == 8, outcomes
+            ids = {r.id for groups in outcomes for group in groups if isinstance(group, list) for r in group}
+            assert len(ids) == 8
+        with psycopg.connect(postgres_dsn) as raw:
+            assert raw.execute("SELECT count(*) FROM resources WHERE type = 'Patient'").fetchone() == (40,)
     finally:
         for store in stores:
             await store.close()
