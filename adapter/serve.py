@@ -37,17 +37,21 @@ def build_app(settings: Settings) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         profiles=settings.profiles,
         default_profiles=settings.default_profiles,
+        ingest_processes=settings.ingest_processes,
     )
+    # The app's own start-up and shut-down (its ingest worker processes) around ours.
+    inner = app.router.lifespan_context
 
     @asynccontextmanager
-    async def lifespan(_app: object) -> AsyncIterator[None]:
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         try:
-            if settings.demo:
-                from adapter.demo import load_demo
+            async with inner(_app):
+                if settings.demo:
+                    from adapter.demo import load_demo
 
-                await load_demo(store)
-            _settle_memory()
-            yield
+                    await load_demo(store)
+                _settle_memory()
+                yield
         finally:
             await store.close()
 

@@ -10,6 +10,8 @@ This is the only module that reads the environment for configuration (architectu
     SPFHIR_MAX_BODY_BYTES  largest accepted request body (default 10 MB)
     SPFHIR_DEMO            load the synthetic demo data set at start-up (default false)
     SPFHIR_POSTGRES_READERS  pooled PostgreSQL connections per worker for reads and searches (default 4)
+    SPFHIR_INGEST_PROCESSES  processes, per server process, that map and validate the records of a large
+                           $ingest while the server stores them (default 1; 0: map in the server process)
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     #: PostgreSQL: pooled connections per worker for reads and one-page searches (writes have their own).
     postgres_readers: int = Field(default=4, ge=1)
+    #: Processes (per server process, started on the first large request) that map and validate the
+    #: records of an ``$ingest`` of 128 records or more while the server stores them; 0: none.
+    ingest_processes: int = Field(default=1, ge=0)
     #: How writes treat the profiles a resource declares in meta.profile: enforce (422), warn (log), off.
     profiles: Literal["enforce", "warn", "off"] = "enforce"
     #: Profiles a resource of a type is checked against when it declares none, as JSON:

@@ -18,6 +18,7 @@ from fastapi import Request, Response
 from adapter.api.capability import resource_types
 from adapter.api.negotiation import read_resource, render, response_format
 from adapter.errors import InputError, UnknownResourceType, ValidationFailed
+from adapter.mapping.run import MappingPool
 from adapter.search.query import SearchQuery, parse_search
 from adapter.store import Resource, ResourceStore
 from adapter.validation import Validator
@@ -53,8 +54,10 @@ class Services:
     #: Checks every write: structural, or with the declared profiles (``SPFHIR_PROFILES``).
     validator: Validator
     max_body_bytes: int
-    #: Structural validation plus profiles, for ``$validate``.
+    #: Structural validation plus profiles, for ``$validate`` and ``$ingest``.
     profile_validator: Validator
+    #: Worker processes that map large ``$ingest`` requests while this process stores (None: none).
+    mapping_pool: MappingPool | None = None
 
 
 def services(request: Request) -> Services:

@@ -6,7 +6,11 @@ twice stores nothing twice, https://hl7.org/fhir/R4/http.html#ccreate) with a Pr
 for its resources (https://hl7.org/fhir/R4/provenance.html). Only the current batch is in memory.
 
 The :class:`Summary` counts records mapped and rejected (record number, field, reason), resources,
-unused source fields and defaults applied.
+unused source fields and defaults applied; :class:`Batches` fills it, whoever maps the records.
+
+:class:`MappingPool` maps in worker processes (``spfhir map --processes``, and large ``$ingest``
+requests while the server stores): records cross as plain tuples and come back pickled, each
+worker loading the profiles once.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import multiprocessing
+import pickle
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -26,14 +31,14 @@ from lxml import etree
 
 from adapter import software_version
 from adapter.errors import InputError
-from adapter.mapping.base import MappedResource
+from adapter.mapping.base import MappedResource, MappingError
 from adapter.mapping.engine import MappedRecord, Mapper, transaction_entry
 from adapter.mapping.ids import NAMESPACE
 from adapter.mapping.sources import RawRecord, read_records
 from adapter.mapping.spec import MappingSpec, SourceFormat
 from adapter.validation import Validator
 
-__all__ = ["Batch", "Rejection", "Summary", "provenance", "run"]
+__all__ = ["Batch", "Batches", "MappingPool", "Rejection", "Summary", "can_cross", "decode", "provenance", "run"]
 
 #: Rejections kept in the summary; beyond it they are only counted (bounded memory).
 MAX_REJECTIONS = 1000
@@ -169,25 +174,131 @@ def provenance(
     return MappedResource(resource)
 
 
-#: Records sent to a worker process at a time, and chunks in flight per process.
+#: Records the command line sends to a worker process at a time, and chunks in flight per process.
 _CHUNK = 200
 _IN_FLIGHT = 3
-#: The mapper of a worker process (one per process, made by :func:`_start_worker`).
-_worker: Mapper | None = None
+
+#: A source record as it crosses to a worker process: (number, data, extra, error) of a
+#: :class:`RawRecord`; plain tuples pickle in a fraction of the time dataclasses take.
+PlainRaw = tuple[int, Any, list[str], str | None]
+
+#: The validator of a worker process (made once by :func:`_start_worker`), and its mappers by name.
+_validator: Validator | None = None
+_mappers: dict[str, Mapper] = {}
 
 
-def _start_worker(name: str) -> None:
-    global _worker
-    from adapter.mapping.spec import load
+def _start_worker(defaults: dict[str, list[str]] | None, nice: int) -> None:
+    """Initializer of a worker process: the profile validator, loaded once for the process's life."""
+    global _validator
+    import gc
+    import os
+
+    if nice:
+        os.nice(nice)
+
     from adapter.validation.bundled import bundled_packages
     from adapter.validation.profiles import ProfileValidator
 
-    _worker = Mapper(load(name), ProfileValidator(bundled_packages()))
+    _validator = ProfileValidator(bundled_packages(), defaults=defaults)
+    # The loaded profiles are millions of long-lived objects: out of the collector's sight, each
+    # collection walks only what a chunk allocates (https://docs.python.org/3/library/gc.html#gc.freeze).
+    gc.collect()
+    gc.freeze()
 
 
-def _map_chunk(raws: list[RawRecord]) -> list[MappedRecord]:
-    assert _worker is not None
-    return [_worker.map(raw) for raw in raws]
+def _map_chunk(name: str, raws: list[PlainRaw]) -> bytes:
+    """Map ``raws`` with the mapping ``name`` (in a worker process): the records as plain tuples
+    (see :func:`_plain`), pickled here so that the receiver unpickles them when it chooses."""
+    assert _validator is not None, "a worker process starts with _start_worker"
+    mapper = _mappers.get(name)
+    if mapper is None:
+        from adapter.mapping.spec import load
+
+        mapper = _mappers[name] = Mapper(load(name), _validator)
+    return pickle.dumps([_plain(mapper.map(RawRecord(*raw))) for raw in raws], protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _plain(record: MappedRecord) -> tuple[Any, ...]:
+    error = record.error
+    return (
+        record.number,
+        [(item.resource, item.if_none_exist, item.key) for item in record.resources],
+        None if error is None else (error.message, error.record, error.field),
+        record.unused,
+        record.defaults,
+    )
+
+
+def decode(data: bytes) -> list[MappedRecord]:
+    """The records a worker process mapped (:meth:`MappingPool.submit`), in source order."""
+    import gc
+
+    # Thousands of fresh dicts: with the collector on, they trigger collections of this process's
+    # whole heap (the loaded profiles), which cost six times the unpickling itself (#5).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        items = pickle.loads(data)
+    finally:
+        if collecting:
+            gc.enable()
+    return [
+        MappedRecord(
+            number,
+            [MappedResource(resource, if_none_exist, key) for resource, if_none_exist, key in resources],
+            None if error is None else MappingError(error[0], record=error[1], field=error[2]),
+            unused,
+            defaults,
+        )
+        for number, resources, error, unused, defaults in items
+    ]
+
+
+def can_cross(raws: list[RawRecord]) -> bool:
+    """Whether records can be sent to a worker process: XML elements cannot be pickled."""
+    return not raws or not isinstance(raws[0].data, etree._Element)
+
+
+class MappingPool:
+    """Worker processes that map and validate records, for a process that stores them meanwhile.
+
+    The processes start on the first :meth:`submit` (``forkserver``: a fresh interpreter whatever
+    threads the caller runs; ``fork`` would copy the server's threads' locks mid-use), each loading
+    the bundled profiles once, with ``defaults`` (type -> profile URLs) for resources that declare
+    none, and a mapper per mapping on its first chunk; ``nice`` lowers their priority (``os.nice``).
+    After a worker dies, :meth:`discard` drops the broken pool; the next :meth:`submit` starts a new
+    one. :meth:`close` stops the processes.
+    """
+
+    def __init__(self, processes: int, defaults: dict[str, list[str]] | None = None, *, nice: int = 0) -> None:
+        self.processes = processes
+        self._defaults = defaults
+        self._nice = nice
+        self._executor: ProcessPoolExecutor | None = None
+
+    def submit(self, name: str, raws: Iterable[RawRecord]) -> Future[bytes]:
+        """Map ``raws`` with the mapping ``name``; the future's result is for :func:`decode`."""
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                self.processes,
+                mp_context=multiprocessing.get_context("forkserver"),
+                initializer=_start_worker,
+                initargs=(self._defaults, self._nice),
+            )
+        plain = [(raw.number, raw.data, raw.extra, raw.error) for raw in raws]
+        return self._executor.submit(_map_chunk, name, plain)
+
+    def discard(self) -> None:
+        """Forget a broken pool (a worker died): its futures have failed already."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Stop the worker processes, dropping the work not started."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _chunks(raws: Iterator[RawRecord]) -> Iterator[list[RawRecord]]:
@@ -205,18 +316,65 @@ def _mapped(
         for raw in raws:
             yield mapper.map(raw)
         return
-    # forkserver: workers start from a clean interpreter, whatever threads this process runs.
-    context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker, initargs=(spec.name,)) as pool:
-        pending: deque[Future[list[MappedRecord]]] = deque()
+    pool = MappingPool(processes)
+    try:
+        pending: deque[Future[bytes]] = deque()
         for chunk in _chunks(raws):
-            if chunk and isinstance(chunk[0].data, etree._Element):
+            if not can_cross(chunk):
                 raise InputError("XML sources are mapped in one process (use --processes 1)", expression="processes")
-            pending.append(pool.submit(_map_chunk, chunk))
+            pending.append(pool.submit(spec.name, chunk))
             if len(pending) >= processes * _IN_FLIGHT:
-                yield from pending.popleft().result()
+                yield from decode(pending.popleft().result())
         while pending:
-            yield from pending.popleft().result()
+            yield from decode(pending.popleft().result())
+    finally:
+        pool.close()
+
+
+class Batches:
+    """Mapped records grouped, in source order, into :class:`Batch` es of ``batch_size`` records,
+    and counted into ``summary`` as they come (``on_record`` is called after each)."""
+
+    def __init__(self, summary: Summary, batch_size: int, on_record: Callable[[], None] | None = None) -> None:
+        self.summary = summary
+        self.batch_size = batch_size
+        self.on_record = on_record
+        self._records: list[MappedRecord] = []
+        self._index = 0
+
+    def add(self, result: MappedRecord) -> Batch | None:
+        """Count ``result``; the batch it completes, if it does."""
+        self.summary.add(result)
+        if self.on_record is not None:
+            self.on_record()
+        self._records.append(result)
+        return self._batch() if len(self._records) >= self.batch_size else None
+
+    def rest(self) -> Batch | None:
+        """The last batch, of the records since the last full one (None if there are none)."""
+        return self._batch() if self._records else None
+
+    def _batch(self) -> Batch:
+        summary = self.summary
+        seen: dict[str, tuple[MappedResource, int]] = {}
+        for record in self._records:
+            for item in record.resources:
+                first = seen.setdefault(item.resource["id"], (item, record.number))
+                if first[0].resource != item.resource:
+                    # The same person with another address in a later row: nothing is lost
+                    # silently; the run says which identity, and which records disagree.
+                    summary.differing += 1
+                    if len(summary.differences) < MAX_REJECTIONS:
+                        summary.differences.append(
+                            f"{item.resource['resourceType']} {item.if_none_exist or item.resource['id']}: "
+                            f"record {record.number} differs from record {first[1]}, whose values are kept"
+                        )
+        summary.batches += 1
+        summary.resources += len(seen)
+        batch = Batch(self._index, self._records, [item for item, _ in seen.values()])
+        self._index += 1
+        self._records = []
+        return batch
 
 
 def run(
@@ -235,36 +393,12 @@ def run(
     """Map ``stream`` record by record; yield a :class:`Batch` for every ``batch_size`` records
     (and the rest). ``summary`` is updated as records go. ``processes`` above 1 maps in that many
     worker processes (records keep their order; memory stays bounded by the chunks in flight)."""
-    records: list[MappedRecord] = []
-    index = 0
-
-    def batch() -> Batch:
-        seen: dict[str, tuple[MappedResource, int]] = {}
-        for record in records:
-            for item in record.resources:
-                first = seen.setdefault(item.resource["id"], (item, record.number))
-                if first[0].resource != item.resource:
-                    # The same person with another address in a later row: nothing is lost
-                    # silently; the run says which identity, and which records disagree.
-                    summary.differing += 1
-                    if len(summary.differences) < MAX_REJECTIONS:
-                        summary.differences.append(
-                            f"{item.resource['resourceType']} {item.if_none_exist or item.resource['id']}: "
-                            f"record {record.number} differs from record {first[1]}, whose values are kept"
-                        )
-        summary.batches += 1
-        summary.resources += len(seen)
-        return Batch(index, list(records), [item for item, _ in seen.values()])
-
+    batches = Batches(summary, batch_size, on_record)
     raws = read_records(spec, stream, format=format, encoding=encoding, delimiter=delimiter, name=summary.source)
     for result in _mapped(spec, raws, validator, processes):
-        summary.add(result)
-        if on_record is not None:
-            on_record()
-        records.append(result)
-        if len(records) >= batch_size:
-            yield batch()
-            index += 1
-            records = []
-    if records:
-        yield batch()
+        full = batches.add(result)
+        if full is not None:
+            yield full
+    last = batches.rest()
+    if last is not None:
+        yield last

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import os
+import signal
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
+from adapter.api import create_app
+from adapter.api import ingest as ingest_module
 from adapter.mapping.ids import deterministic_id, identity
+from adapter.mapping.run import MappingPool
+from adapter.mapping.sources import RawRecord
 from adapter.search.query import parse_search
 from adapter.store import Conflict, SQLiteStore
+from bench.api import nhs_numbers
 from tests.api.conftest import FHIR_JSON, patient
 
 pytestmark = pytest.mark.anyio
@@ -209,3 +221,186 @@ async def test_rejections_beyond_the_listed_ones_are_counted(
     issues = (await _ingest(client, rows)).json()["issue"]
     errors = [issue["diagnostics"] for issue in issues if issue["severity"] == "error"]
     assert len(errors) == 3 and errors[-1] == "1 more rejected records are not listed"
+
+
+# -- mapping in worker processes (#5) -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mapping_pool() -> Iterator[MappingPool]:
+    """One worker process for the module's tests: starting one takes about a second."""
+    pool = MappingPool(1, nice=10)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks, summary batches and the in-process limit cut small, so that a few hundred records
+    cross several of each."""
+    monkeypatch.setattr(ingest_module, "_CHUNK", 16)
+    monkeypatch.setattr(ingest_module, "_BATCH", 50)
+    monkeypatch.setattr(ingest_module, "_IN_PROCESS_BELOW", 32)
+
+
+def _awkward_referrals(count: int) -> bytes:
+    """``count`` referrals with what the answer reports: rejected rows (bad date, unknown reason),
+    an unused column, people referred again with another postcode (differences), and a person
+    whose NHS number two stored Patients share (refused by the store)."""
+    rows = (CASES / "awkward" / "input.csv").read_text().splitlines()
+    numbers = list(itertools.islice(nhs_numbers(), 40))
+    lines = [rows[0]]
+    for n in range(count):
+        cells = rows[1].split(",")
+        cells[0], cells[1] = f"REF-{n:05d}", numbers[n % len(numbers)]
+        cells[6] = "ZZ99 3AB" if n % 3 else "ZZ99 3AD"
+        if n % 17 == 5:
+            cells[4] = "31/02/1980"
+        if n % 23 == 7:
+            cells[11] = "Knitting"
+        if n % 29 == 3:
+            cells[1] = "9990000018"
+        cells[13] = str(n % 5) if n % 4 == 0 else ""
+        lines.append(",".join(cells))
+    return "\n".join(lines).encode()
+
+
+async def _ingest_into(app: FastAPI, store: SQLiteStore, body: bytes) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The answer's issues and what the store holds (but for what differs by time) after ``body``."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        # Two Patients with 9990000018: the store refuses the records of that person.
+        created = [
+            (await client.post("/fhir/Patient", json=patient(), headers={"Content-Type": FHIR_JSON})).json()["id"]
+            for _ in range(2)
+        ]
+        response = await _ingest(client, body)
+    assert response.status_code == 200, response.text
+    contents = []
+    for entry in await store.history():
+        if entry.id in created:
+            continue
+        resource = dict(entry.resource or {})
+        resource.pop("meta", None)
+        resource.pop("recorded", None)  # when the Provenance was written
+        contents.append((entry.type, entry.id, entry.version_id, resource))
+    return response.json()["issue"], sorted(contents, key=lambda item: (item[0], item[1], item[2]))
+
+
+async def _in_process_and_pooled(
+    body: bytes, pool: MappingPool, monkeypatch: pytest.MonkeyPatch, *, only_the_worker: bool = True
+) -> tuple[Any, Any]:
+    """The issues and store contents after ingesting ``body`` mapped in this process, and with ``pool``."""
+    alone, pooled = SQLiteStore(":memory:"), SQLiteStore(":memory:")
+    try:
+        expected = await _ingest_into(create_app(alone, max_body_bytes=1_000_000, ingest_processes=0), alone, body)
+        if only_the_worker:
+
+            def nowhere(*args: Any) -> Any:
+                raise AssertionError("mapped in this process, not by the worker")
+
+            monkeypatch.setattr(ingest_module, "_map_here", nowhere)
+        found = await _ingest_into(create_app(pooled, max_body_bytes=1_000_000, mapping_pool=pool), pooled, body)
+        return expected, found
+    finally:
+        await alone.close()
+        await pooled.close()
+
+
+async def test_the_worker_gives_the_answer_and_resources_mapping_here_gives(
+    mapping_pool: MappingPool, small_chunks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected, found = await _in_process_and_pooled(_awkward_referrals(300), mapping_pool, monkeypatch)
+    issues, contents = expected
+    # The input has all that the answer reports, over several chunks and summary batches.
+    assert "300 records" in issues[0]["diagnostics"]
+    assert {issue["severity"] for issue in issues} == {"information", "error", "warning"}
+    assert any("not stored" in issue["diagnostics"] for issue in issues)
+    assert any(issue["expression"] == ["record.Shoe size"] for issue in issues)
+    assert len(contents) > 300
+    assert found == expected
+
+
+async def test_a_small_request_is_mapped_in_this_process(
+    mapping_pool: MappingPool, small_chunks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    submitted: list[int] = []
+    submit = mapping_pool.submit
+
+    def counted(name: str, raws: Iterable[RawRecord]) -> Future[bytes]:
+        submitted.append(1)
+        return submit(name, raws)
+
+    monkeypatch.setattr(mapping_pool, "submit", counted)
+    expected, found = await _in_process_and_pooled(
+        _awkward_referrals(31), mapping_pool, monkeypatch, only_the_worker=False
+    )
+    assert found == expected and not submitted
+
+
+async def test_the_setting_turns_the_workers_off(monkeypatch: pytest.MonkeyPatch, store: SQLiteStore) -> None:
+    from adapter.serve import build_app
+    from adapter.settings import Settings
+
+    monkeypatch.setenv("SPFHIR_INGEST_PROCESSES", "0")
+    assert Settings().ingest_processes == 0
+    app = build_app(Settings(database="sqlite://:memory:"))
+    await app.state.services.store.close()
+    assert app.state.services.mapping_pool is None
+    assert create_app(store).state.services.mapping_pool is not None  # by default, one process
+    # Workers could not map with a validator of the caller's: the app maps in this process.
+    given = create_app(store, profile_validator=app.state.services.profile_validator)
+    assert given.state.services.mapping_pool is None
+
+
+def test_the_workers_stop_with_the_app() -> None:
+    from fastapi.testclient import TestClient
+
+    store = SQLiteStore(":memory:")
+    app = create_app(store)
+    pool = app.state.services.mapping_pool
+    assert pool is not None
+    with TestClient(app):
+        assert pool.submit("sp-outcomes", []).result(timeout=60) is not None
+        assert pool._executor is not None
+        processes = list(pool._executor._processes.values())
+    assert pool._executor is None and processes and not any(process.is_alive() for process in processes)
+    asyncio.run(store.close())
+
+
+class _Dying(MappingPool):
+    """A pool whose worker is killed once ``after`` chunks were submitted."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__(1)
+        self.after = after
+        self.submitted = 0
+
+    def submit(self, name: str, raws: Iterable[RawRecord]) -> Future[bytes]:
+        future = super().submit(name, raws)
+        self.submitted += 1
+        if self.submitted == self.after:
+            future.result()  # the worker has started and mapped this chunk
+            assert self._executor is not None
+            for process in list(self._executor._processes.values()):
+                os.kill(process.pid, signal.SIGKILL)
+        return future
+
+
+async def test_a_worker_killed_half_way_loses_nothing_and_stores_nothing_twice(
+    small_chunks: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = _Dying(after=4)
+    try:
+        expected, found = await _in_process_and_pooled(
+            _awkward_referrals(200), pool, monkeypatch, only_the_worker=False
+        )
+        assert pool.submitted >= 4
+        assert "BrokenProcessPool" in caplog.text  # and the records it had not returned were mapped here
+        assert found == expected
+        # The broken pool was dropped: the next request starts a new worker.
+        pool.after = 0
+        assert pool.submit("sp-referral", []).result(timeout=60)
+    finally:
+        pool.close()

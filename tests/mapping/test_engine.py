@@ -426,3 +426,30 @@ def test_worker_processes_map_the_records_in_source_order() -> None:
     assert [[item.resource for item in items] for items in spread] == [
         [item.resource for item in items] for items in alone
     ]
+
+
+def test_records_cross_to_and_from_a_worker_process_whole() -> None:
+    """What a worker sends back (#5): plain tuples, rebuilt into the same records and errors."""
+    import pickle
+
+    from adapter.mapping.run import _plain, decode
+
+    rows = [ROW + ",6", ROW.replace("9990000018", "1234567890") + ",", ROW.replace("15/01/2024", "31/02/2024") + ",7"]
+    records = _map("\n".join([HEADER + ",Shoe size", *rows]))
+    assert [record.error is not None for record in records] == [False, True, True]
+    back = decode(pickle.dumps([_plain(record) for record in records]))
+    for before, after in zip(records, back, strict=True):
+        assert (after.number, after.unused, after.defaults) == (before.number, before.unused, before.defaults)
+        assert [(i.resource, i.if_none_exist, i.key) for i in after.resources] == [
+            (i.resource, i.if_none_exist, i.key) for i in before.resources
+        ]
+        if before.error is None:
+            assert after.error is None
+        else:
+            assert after.error is not None
+            assert (after.error.message, after.error.record, after.error.field, after.error.expression) == (
+                before.error.message,
+                before.error.record,
+                before.error.field,
+                before.error.expression,
+            )
