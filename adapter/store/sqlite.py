@@ -44,6 +44,10 @@ __all__ = ["SQLiteStore"]
 _WRITER_CHECKPOINT_PAGES = 10_000
 #: Size the WAL file is cut back to after a checkpoint empties it.
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
+#: First and longest pause of :meth:`SQLiteStore._begin` between tries to take the write lock.
+_FIRST_PAUSE = 0.00005
+_LAST_PAUSE = 0.001
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 class _Checkpointer:
@@ -154,6 +158,8 @@ class SQLiteStore(SQLStore):
             conn.execute(f"PRAGMA synchronous={'FULL' if self._synchronous == 'FULL' else 'NORMAL'}")
             # executescript commits first, so it runs before the store's write transaction.
             conn.executescript(_SCHEMA + INDEX_SCHEMA)
+            # From here on only BEGIN IMMEDIATE waits for another writer, in _begin's own loop.
+            conn.execute("PRAGMA busy_timeout = 0")
         except BaseException:
             conn.close()
             raise
@@ -204,10 +210,23 @@ class SQLiteStore(SQLStore):
             self._checkpointer.wake()
 
     def _begin(self) -> None:
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise Conflict(f"the store is locked by another writer: {exc}") from exc
+        """``BEGIN IMMEDIATE``, retried while another writer holds the database, up to
+        ``busy_timeout``. SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ... up to 100 ms
+        between tries (sqliteDefaultBusyCallback, https://www.sqlite.org/c3ref/busy_timeout.html),
+        so with two server workers a create that met the other's write waited 10-100 ms (p99 112 ms
+        at 16 clients, docs/benchmarks.md); writes take about a millisecond, so this loop tries
+        again after 50 µs, doubling to at most 1 ms."""
+        deadline = time.monotonic() + self._busy_timeout
+        pause = _FIRST_PAUSE
+        while True:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode not in _BUSY or time.monotonic() + pause > deadline:
+                    raise Conflict(f"the store is locked by another writer: {exc}") from exc
+            time.sleep(pause)
+            pause = min(2 * pause, _LAST_PAUSE)
 
     def _lock_all(self, keys: Iterable[str]) -> None:
         """Nothing to lock (``BEGIN IMMEDIATE`` holds the whole database), so ``keys`` is not even

@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,23 @@ async def test_a_writer_locked_out_past_the_busy_timeout_gets_conflict(tmp_path:
         raw.close()
         _, created = await store.update({"resourceType": "Patient", "id": "p1"})
         assert created is True
+
+
+async def test_a_writer_waits_for_another_writer_and_then_writes(tmp_path: Path) -> None:
+    """The store retries BEGIN IMMEDIATE itself (its connection's busy timeout is 0): a write that
+    meets another writer's transaction waits for it and then succeeds, with nothing lost."""
+    path = tmp_path / "store.db"
+    async with SQLiteStore(path, busy_timeout=5.0) as store:
+        await store.update({"resourceType": "Patient", "id": "p1"})
+        raw = sqlite3.connect(path, isolation_level=None)
+        raw.execute("BEGIN IMMEDIATE")
+        raw.execute("UPDATE resources SET last_updated = last_updated WHERE id = 'p1'")
+        asyncio.get_running_loop().call_later(0.3, lambda: (raw.execute("COMMIT"), raw.close()))
+        started = time.monotonic()
+        results = await asyncio.gather(*(store.update({"resourceType": "Patient", "id": f"q{n}"}) for n in range(5)))
+        assert time.monotonic() - started >= 0.25  # it did wait for the other writer
+        assert [created for _, created in results] == [True] * 5
+        assert len(await store.history("Patient")) == 6
 
 
 async def test_an_in_memory_store_starts_empty_each_time() -> None:
