@@ -20,6 +20,7 @@ the next call.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -29,9 +30,10 @@ from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool
 
 from adapter.search.query import SearchQuery
+from adapter.store._housekeeping import Housekeeping
 from adapter.store._search_sql import INDEX_SCHEMA
 from adapter.store.base import Resource, SearchResult
-from adapter.store.sql import READ_SQL, Rows, SQLStore, Steps, _Batch, run_steps_async
+from adapter.store.sql import _INDEX_TABLES, READ_SQL, Rows, SQLStore, Steps, _Batch, run_steps_async
 
 __all__ = ["PostgresStore"]
 
@@ -65,6 +67,59 @@ CREATE INDEX IF NOT EXISTS history_by_type_time ON history (type, last_updated, 
 
 # Only one session at a time may run the CREATE ... IF NOT EXISTS statements (they race otherwise).
 _SCHEMA_LOCK = 0x5350_4648_4952  # "SPFHIR"
+
+#: Versions written between two looks at whether the planner statistics are stale.
+_STATISTICS_CHECK_EVERY = 500
+#: The tables whose statistics the planner uses for the store's statements.
+_ANALYZED_TABLES = ("resources", "history", *_INDEX_TABLES)
+
+
+class _Statistics:
+    """Keeps the planner statistics of a store's tables fresh during bulk writes: ANALYZE once the
+    store has written more versions since its last ANALYZE than the table had rows then (50 for a
+    table never analyzed), so a growing table is analyzed each time it doubles. Autovacuum looks
+    only once a minute (autovacuum_naptime,
+    https://www.postgresql.org/docs/current/routine-vacuuming.html#VACUUM-FOR-STATISTICS), and
+    until then the planner takes freshly loaded tables as nearly empty: the NHS-number chained
+    search took 1.6 ms instead of 0.19 ms a statement, scanning sp_reference (docs/benchmarks.md,
+    https://www.postgresql.org/docs/current/populate.html#POPULATE-ANALYZE); beyond doubling,
+    autovacuum's own 10% threshold keeps them fresh. It runs on a thread and connection of its own
+    (:class:`Housekeeping`): on the writer's, each ANALYZE held up that worker's writes (create p99
+    129 ms), and at autovacuum's 10% it ran every 500 creates (p99 57 ms). The count is the
+    store's own, not the statistics collector's, which lags by up to a second."""
+
+    def __init__(self, dsn: str) -> None:
+        self._lock = threading.Lock()
+        self._unanalyzed = 0
+        self._thread = Housekeeping(
+            "postgres-statistics",
+            lambda: psycopg.connect(dsn, autocommit=True),
+            self._analyze,
+            (psycopg.Error,),
+            0.0,
+        )
+
+    def written(self, versions: int) -> None:
+        with self._lock:
+            self._unanalyzed += versions
+        self._thread.wake()
+
+    def stop(self) -> None:
+        self._thread.stop()
+
+    def _analyze(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = 'resources'::regclass").fetchone()
+        # reltuples: -1 for a table never analyzed (PostgreSQL 14 and later).
+        rows = max(float(row[0]), 0.0) if row is not None else 0.0
+        with self._lock:
+            if self._unanalyzed <= max(rows, 50.0):
+                return
+            self._unanalyzed = 0
+        for table in _ANALYZED_TABLES:
+            # SKIP_LOCKED: a table autovacuum is analyzing right now is left to it. ANALYZE samples
+            # at most 30,000 rows a table; writers and readers do not wait for its lock.
+            conn.execute(f"ANALYZE (SKIP_LOCKED) {table}")
+
 
 # Errors of a write that lost against another writer: reported as 409 Conflict.
 _CONTENTION = (
@@ -121,6 +176,9 @@ class PostgresStore(SQLStore):
         self._lock_timeout_ms = max(1, round(lock_timeout * 1000))
         self._reader_count = max(1, readers)
         self._readers: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] | None = None
+        # Versions written since the count was last handed to the statistics thread (_committed).
+        self._unchecked = 0
+        self._statistics: _Statistics | None = None
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         conn: psycopg.Connection[tuple[Any, ...]] = psycopg.connect(self._dsn, autocommit=True)
@@ -187,12 +245,25 @@ class PostgresStore(SQLStore):
         readers, self._readers = self._readers, None
         if readers is not None:
             await readers.close()
+        statistics, self._statistics = self._statistics, None
+        if statistics is not None:
+            statistics.stop()
         await super().close()
 
     def _flush(self, batch: _Batch) -> None:
         # One pipeline for all the statements of a write: one round trip instead of one each.
         with self._conn.pipeline():
             super()._flush(batch)
+        self._unchecked += len(batch.versions)
+
+    def _committed(self) -> None:
+        """Every :data:`_STATISTICS_CHECK_EVERY` versions written, hand the count to the
+        :class:`_Statistics` thread."""
+        if self._unchecked >= _STATISTICS_CHECK_EVERY:
+            if self._statistics is None:
+                self._statistics = _Statistics(self._dsn)
+            self._statistics.written(self._unchecked)
+            self._unchecked = 0
 
     def _row(self, type: str, id: str, version: int, now: str, text: str | None) -> tuple[Any, ...]:
         return (type, id, version, now, text is None, text, text)

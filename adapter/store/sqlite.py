@@ -22,9 +22,7 @@ writer's own automatic checkpoint stays on, at a higher mark, in case that threa
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -33,6 +31,7 @@ from typing import Any, Literal
 
 from adapter.errors import Conflict
 from adapter.search.query import SearchQuery
+from adapter.store._housekeeping import Housekeeping
 from adapter.store._search_sql import INDEX_SCHEMA
 from adapter.store.base import Resource, SearchResult
 from adapter.store.sql import READ_SQL, SQLStore, run_steps
@@ -50,45 +49,12 @@ _LAST_PAUSE = 0.001
 _BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
-class _Checkpointer:
-    """Checkpoints a WAL database on a daemon thread, soon after each :meth:`wake`."""
+#: Writes that come close together share one checkpoint (seconds).
+_CHECKPOINT_DELAY = 0.05
 
-    #: Writes that come close together share one checkpoint.
-    delay = 0.05
 
-    def __init__(self, path: str, busy_timeout: float) -> None:
-        self._path = path
-        self._busy_timeout = busy_timeout
-        self._wanted = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="sqlite-checkpoint", daemon=True)
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._wanted.set()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wanted.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        try:
-            conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
-        except sqlite3.Error:  # the writer's own checkpoint remains
-            return
-        try:
-            while True:
-                self._wanted.wait()
-                if self._stopping:
-                    return
-                self._wanted.clear()
-                time.sleep(self.delay)
-                # Busy, or the file went away: the writer's own checkpoint remains.
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        finally:
-            conn.close()
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 _SCHEMA = """
@@ -138,7 +104,7 @@ class SQLiteStore(SQLStore):
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
         self._reader: sqlite3.Connection | None = None
-        self._checkpointer: _Checkpointer | None = None
+        self._checkpointer: Housekeeping | None = None
         try:
             self._executor.submit(self._call, lambda: None).result()
         except BaseException:
@@ -154,7 +120,15 @@ class SQLiteStore(SQLStore):
                 conn.execute(f"PRAGMA wal_autocheckpoint={_WRITER_CHECKPOINT_PAGES}")
                 conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
                 if self._checkpointer is None:
-                    self._checkpointer = _Checkpointer(self._path, self._busy_timeout)
+                    path, timeout = self._path, self._busy_timeout
+                    self._checkpointer = Housekeeping(
+                        "sqlite-checkpoint",
+                        lambda: sqlite3.connect(path, timeout=timeout, isolation_level=None),
+                        # Busy, or the file went away: the writer's own checkpoint remains.
+                        _checkpoint,
+                        (sqlite3.Error,),
+                        _CHECKPOINT_DELAY,
+                    )
             conn.execute(f"PRAGMA synchronous={'FULL' if self._synchronous == 'FULL' else 'NORMAL'}")
             # executescript commits first, so it runs before the store's write transaction.
             conn.executescript(_SCHEMA + INDEX_SCHEMA)

@@ -253,3 +253,33 @@ async def test_a_reader_connection_the_server_dropped_is_replaced(postgres_dsn: 
         assert [resource["id"] for resource in found.resources] == [patient["id"]]
         # And writes still work: the worker replaces its connection on the next call.
         assert (await store.create({"resourceType": "Patient"}))["meta"]["versionId"] == "1"
+
+
+async def test_a_bulk_write_leaves_the_planner_statistics_up_to_date(postgres_dsn: str) -> None:
+    """Tables filled since their last ANALYZE are analyzed soon after the write, on the store's
+    statistics thread, not up to a minute later by autovacuum: without statistics the planner took
+    them as nearly empty and scanned them."""
+    patients = [Operation.create({"resourceType": "Patient", "identifier": [{"value": f"p{n}"}]}) for n in range(600)]
+
+    def analyzed() -> dict[str, float]:
+        # Manual ANALYZE only (autovacuum's would set last_autoanalyze).
+        with psycopg.connect(postgres_dsn) as raw:
+            return dict(
+                raw.execute(
+                    "SELECT s.relname, c.reltuples FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid"
+                    " WHERE s.last_analyze IS NOT NULL AND s.schemaname = 'public'"
+                ).fetchall()
+            )
+
+    async with PostgresStore(postgres_dsn) as store:
+        await store.transaction(patients[:100])
+        await asyncio.sleep(0.3)
+        assert analyzed() == {}  # 100 versions: not yet looked at
+        await store.transaction(patients[100:])
+        deadline = time.monotonic() + 10
+        while "sp_token" not in analyzed() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        tables = analyzed()
+    # The tables the write filled, with what the planner now knows of them.
+    assert tables.get("resources") == 600 and tables.get("history") == 600
+    assert tables.get("sp_token", 0) >= 600
