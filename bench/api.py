@@ -385,7 +385,8 @@ class Postgres:
             from tests.store import pg_server  # the tests' helper: initdb + pg_ctl on a free port
 
             try:
-                self._server = pg_server.start()
+                # PostgreSQL's durable defaults (fsync, a WAL flush per commit), as in production.
+                self._server = pg_server.start(durable=True)
             except pg_server.Unavailable as exc:
                 self._error = str(exc)
         if self._error is not None:

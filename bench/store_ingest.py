@@ -113,7 +113,7 @@ def main(arguments: list[str]) -> int:
                     if dsn == "postgres":
                         from tests.store import pg_server
 
-                        server = server or pg_server.start()
+                        server = server or pg_server.start(durable=True)  # as in production
                         dsn = server.dsn()
                         import psycopg
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -327,6 +328,21 @@ class _Window:
                         self._matches[key].add(id)
 
 
+#: Single writes (create, update, delete) committed together at most.
+_COMBINE = 64
+
+
+@dataclass(slots=True, eq=False)
+class _Single:
+    """One create, update or delete waiting for the worker thread (see :meth:`SQLStore._single`)."""
+
+    operation: Operation
+    result: OperationResult | None = None
+    error: BaseException | None = None
+    done: bool = False
+    cancelled: bool = False
+
+
 class SQLStore:
     """The shared implementation of :class:`~adapter.store.base.ResourceStore`; see the module doc."""
 
@@ -348,6 +364,9 @@ class SQLStore:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
         self._closed = False
+        # Single writes not yet taken by the worker thread, and those it is writing (_single).
+        self._singles: deque[_Single] = deque()
+        self._writing: list[_Single] = []
         self._conn: Any = None
 
     # -- what a dialect supplies (all on the worker thread, except interrupt) ----------------------
@@ -450,6 +469,86 @@ class SQLStore:
             self._interrupt()
             raise
 
+    async def _single(self, operation: Operation) -> OperationResult:
+        """Write one operation in a transaction of its own, committed together with the single
+        writes queued behind it (group commit). Under concurrent writes the worker thread runs one
+        database transaction, and one commit (on PostgreSQL a WAL flush), for up to
+        :data:`_COMBINE` of them instead of one each: each is still all or nothing on its own
+        (:meth:`_write_groups`), and each caller gets its own result or error, as if alone.
+
+        Each call queues its operation and then its job on the worker thread (a FIFO of one
+        thread); the first job to run takes every operation queued, its own first, and the later
+        jobs find theirs written. A call cancelled before its operation is taken leaves it
+        unwritten; one cancelled while it is written interrupts the statement only when every
+        operation being written belongs to a cancelled call."""
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        single = _Single(operation)
+        self._singles.append(single)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._call, self._write_single, single)
+        try:
+            await future
+        except asyncio.CancelledError:
+            single.cancelled = True
+            writing = self._writing
+            if single in writing and all(other.cancelled for other in writing):
+                self._interrupt()
+            raise
+        if single.error is not None:
+            raise single.error
+        assert single.result is not None
+        return single.result
+
+    def _write_single(self, single: _Single) -> None:
+        """On the worker thread: write ``single`` and the single writes queued after it, unless an
+        earlier job has written it already."""
+        if single.done:
+            return
+        taken: list[_Single] = []
+        while self._singles and len(taken) < _COMBINE:
+            queued = self._singles.popleft()
+            if not queued.cancelled:
+                taken.append(queued)
+        self._writing = taken
+        try:
+            self._write_taken(taken)
+        finally:
+            self._writing = []
+            for queued in taken:
+                queued.done = True
+
+    def _write_taken(self, taken: list[_Single]) -> None:
+        if not taken:
+            return
+        if len(taken) == 1:
+            try:
+                taken[0].result = self._write([taken[0].operation])[0]
+            except BaseException as exc:
+                taken[0].error = exc
+            return
+        try:
+            outcomes = self._write_groups([[queued.operation] for queued in taken])
+        except AdapterError:
+            # The shared transaction lost against another writer as a whole and was rolled back
+            # (Conflict): each operation again in a transaction of its own, so that a clash is only
+            # its own writer's. Any other failure (a lost connection, where a commit may or may not
+            # have happened) is every caller's error: retrying could write a create twice.
+            for queued in taken:
+                try:
+                    queued.result = self._write([queued.operation])[0]
+                except BaseException as exc:
+                    queued.error = exc
+            return
+        except BaseException as exc:
+            for queued in taken:
+                queued.error = exc
+            return
+        for queued, outcome in zip(taken, outcomes, strict=True):
+            if isinstance(outcome, AdapterError):
+                queued.error = outcome
+            else:
+                queued.result = outcome[0]
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -460,9 +559,9 @@ class SQLStore:
     # -- the interactions ------------------------------------------------------------------------
 
     async def create(self, resource: Resource) -> Resource:
-        result = await self._run(self._write, [Operation.create(resource)])
-        assert result[0].resource is not None
-        return result[0].resource
+        result = await self._single(Operation.create(resource))
+        assert result.resource is not None
+        return result.resource
 
     async def read(self, type: str, id: str) -> Resource:
         return await self._run(self._read, type, id)
@@ -471,12 +570,12 @@ class SQLStore:
         return await self._run(self._vread, type, id, version)
 
     async def update(self, resource: Resource, if_match: str | None = None) -> tuple[Resource, bool]:
-        result = (await self._run(self._write, [Operation.update(resource, if_match=if_match)]))[0]
+        result = await self._single(Operation.update(resource, if_match=if_match))
         assert result.resource is not None
         return result.resource, result.created
 
     async def delete(self, type: str, id: str, if_match: str | None = None) -> None:
-        await self._run(self._write, [Operation.delete(type, id, if_match=if_match)])
+        await self._single(Operation.delete(type, id, if_match=if_match))
 
     async def history(
         self,

@@ -322,3 +322,45 @@ async def test_concurrent_updates_with_the_same_if_match_one_wins(store: Resourc
     assert all(isinstance(o, VersionConflict) for o in outcomes if not isinstance(o, tuple))
     assert await store.read("Patient", created["id"]) == winners[0][0]
     assert [e.version_id for e in await store.history("Patient", created["id"])] == ["2", "1"]
+
+
+async def test_concurrent_single_writes_are_committed_together_and_each_gets_its_own_outcome(
+    store: ResourceStore,
+) -> None:
+    """Creates, updates and deletes that arrive together share one database transaction (group
+    commit), yet each succeeds or fails on its own: the update that loses the If-Match race gets
+    VersionConflict and changes nothing, and everything else is stored once."""
+    patient = await store.create({"resourceType": "Patient"})
+    doomed = await store.create({"resourceType": "Patient"})
+    written: list[int] = []
+    write_groups = store._write_groups  # type: ignore[attr-defined]
+
+    def counting(groups: list[list[Operation]]) -> Any:
+        written.append(len(groups))
+        return write_groups(groups)
+
+    store._write_groups = counting  # type: ignore[attr-defined]
+    outcomes = await asyncio.gather(
+        *(
+            store.create({"resourceType": "Observation", "status": "final", "code": {"text": str(n)}})
+            for n in range(20)
+        ),
+        store.update({**patient, "gender": "female"}, if_match="1"),
+        store.update({**patient, "gender": "male"}, if_match="1"),
+        store.delete("Patient", doomed["id"]),
+        return_exceptions=True,
+    )
+    assert any(size > 1 for size in written), written  # some were committed together
+    created = outcomes[:20]
+    assert all(isinstance(item, dict) for item in created), created
+    assert len({item["id"] for item in created}) == 20  # type: ignore[index]
+    for n, item in enumerate(created):
+        assert (await store.read("Observation", item["id"]))["code"] == {"text": str(n)}  # type: ignore[index]
+    first, second, deleted = outcomes[20:]
+    assert isinstance(first, tuple) and first[0]["gender"] == "female"
+    assert isinstance(second, VersionConflict)
+    assert deleted is None
+    assert [entry.version_id for entry in await store.history("Patient", patient["id"])] == ["2", "1"]
+    assert (await store.read("Patient", patient["id"]))["gender"] == "female"
+    with pytest.raises(Gone):
+        await store.read("Patient", doomed["id"])
