@@ -18,6 +18,10 @@ single-thread executor, so calls run one at a time in arrival order and the even
 on the database). When the awaiting task is cancelled, the running statement is interrupted
 (``sqlite3_interrupt``, or a PostgreSQL cancel request), so a cancelled write is rolled back rather
 than finished behind the caller's back.
+
+Group commit. Single creates, updates and deletes that queue up behind the worker thread are
+written in one database transaction, each all or nothing on its own (:meth:`SQLStore._single`): one
+commit, and on PostgreSQL one WAL flush, for many concurrent API writes.
 """
 
 from __future__ import annotations
