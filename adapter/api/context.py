@@ -1,6 +1,9 @@
 """What every handler of the REST API shares: the injected services, the service base URL, URL
 checks, version headers, reading the request's resource and answering a write.
 
+Every request needs some of these, so what repeats between requests is computed once: the base URL
+per (scheme, server, root path, Host), and the HTTP-date of each second for ``Last-Modified``.
+
 See https://hl7.org/fhir/R4/http.html.
 """
 
@@ -10,13 +13,15 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
+from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl
 
 from fastapi import Request, Response
+from starlette.datastructures import URL
 
 from adapter.api.capability import resource_types
-from adapter.api.negotiation import read_resource, render, response_format
+from adapter.api.negotiation import Format, read_resource, render
 from adapter.errors import InputError, UnknownResourceType, ValidationFailed
 from adapter.mapping.run import MappingPool
 from adapter.search.query import SearchQuery, parse_search
@@ -44,6 +49,8 @@ BASE = "/fhir"
 
 # https://hl7.org/fhir/R4/datatypes.html#id
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+# meta.lastUpdated as the stores write it: UTC with milliseconds (its HTTP-date is looked up by the second).
+_STORE_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +73,25 @@ def services(request: Request) -> Services:
 
 
 def base_url(request: Request) -> str:
-    return str(request.base_url).rstrip("/") + BASE
+    """The service base URL: the request's base URL (``request.base_url``) plus :data:`BASE`."""
+    scope = request.scope
+    server = scope.get("server")
+    return _base_url(
+        scope.get("scheme", "http"),
+        None if server is None else tuple(server),  # ASGI allows any iterable: a list is no cache key
+        scope.get("app_root_path", scope.get("root_path", "")),
+        request.headers.get("host"),
+    )
+
+
+# Bounded: Host is the client's to choose.
+@lru_cache(maxsize=64)
+def _base_url(scheme: str, server: tuple[str, int | None] | None, root_path: str, host: str | None) -> str:
+    """What ``Request.base_url`` makes of these parts of the scope (the only parts it reads), plus BASE."""
+    headers = [] if host is None else [(b"host", host.encode("latin-1"))]
+    path = root_path if root_path.endswith("/") else root_path + "/"
+    scope = {"scheme": scheme, "server": server, "path": path, "query_string": b"", "headers": headers}
+    return str(URL(scope=scope)).rstrip("/") + BASE
 
 
 def check_type(type: str) -> None:
@@ -79,14 +104,26 @@ def check_id(id: str, what: str = "id") -> None:
         raise InputError(f"{id!r} is not a valid {what} (1-64 of A-Z a-z 0-9 - .)", expression=what)
 
 
-def version_headers(base: str, resource: Resource, location: bool = False) -> dict[str, str]:
-    """ETag, Last-Modified and, for writes, Location (https://hl7.org/fhir/R4/http.html#create)."""
+def version_headers(resource: Resource, base: str | None = None) -> dict[str, str]:
+    """ETag, Last-Modified and, for writes (given the service ``base``), Location
+    (https://hl7.org/fhir/R4/http.html#create)."""
     meta = resource["meta"]
-    last_updated = datetime.fromisoformat(meta["lastUpdated"])
-    headers = {"ETag": f'W/"{meta["versionId"]}"', "Last-Modified": format_datetime(last_updated, usegmt=True)}
-    if location:
+    headers = {"ETag": f'W/"{meta["versionId"]}"', "Last-Modified": _http_date(meta["lastUpdated"])}
+    if base is not None:
         headers["Location"] = f"{base}/{resource['resourceType']}/{resource['id']}/_history/{meta['versionId']}"
     return headers
+
+
+def _http_date(instant: str) -> str:
+    """An instant as an HTTP-date (RFC 9110 section 5.6.7), which has whole seconds."""
+    if _STORE_INSTANT.fullmatch(instant):
+        return _http_date_of_second(instant[:19])
+    return format_datetime(datetime.fromisoformat(instant), usegmt=True)
+
+
+@lru_cache(maxsize=16)
+def _http_date_of_second(second: str) -> str:
+    return format_datetime(datetime.fromisoformat(second + "Z"), usegmt=True)
 
 
 def validated(validator: Validator, resource: Resource) -> Resource:
@@ -112,7 +149,10 @@ async def incoming(request: Request, type: str) -> Resource:
 
 def prefer(request: Request, name: str) -> str | None:
     """The value of one preference of the ``Prefer`` header (RFC 7240), lower case, or None."""
-    for item in request.headers.get("prefer", "").split(","):
+    header = request.headers.get("prefer")
+    if header is None:
+        return None
+    for item in header.split(","):
         key, _, value = item.strip().partition("=")
         if key.strip().lower() == name:
             return value.strip().strip('"').lower()
@@ -124,10 +164,10 @@ def strict_handling(request: Request) -> bool:
     return prefer(request, "handling") == "strict"
 
 
-def written(request: Request, stored: Resource, status: int) -> Response:
-    """The answer to a create or update, as ``Prefer: return=`` asks (https://hl7.org/fhir/R4/http.html#ops)."""
-    fmt = response_format(request)
-    headers = version_headers(base_url(request), stored, location=True)
+def written(request: Request, stored: Resource, status: int, fmt: Format) -> Response:
+    """The answer to a create or update, in the ``fmt`` the handler negotiated first and as
+    ``Prefer: return=`` asks (https://hl7.org/fhir/R4/http.html#ops)."""
+    headers = version_headers(stored, base_url(request))
     wanted = prefer(request, "return")
     body: dict[str, Any] | None = stored
     if wanted == "minimal":

@@ -57,7 +57,7 @@ async def read(request: Request, type: str, id: str) -> Response:
     check_type(type)
     check_id(id)
     resource = await services(request).store.read(type, id)
-    return render(resource, fmt, 200, version_headers(base_url(request), resource))
+    return render(resource, fmt, 200, version_headers(resource))
 
 
 async def head(request: Request, type: str, id: str) -> Response:
@@ -74,41 +74,41 @@ async def vread(request: Request, type: str, id: str, vid: str) -> Response:
     check_id(id)
     check_id(vid, "versionId")
     resource = await services(request).store.vread(type, id, vid)
-    return render(resource, fmt, 200, version_headers(base_url(request), resource))
+    return render(resource, fmt, 200, version_headers(resource))
 
 
 async def create(request: Request, type: str) -> Response:
     """See: https://hl7.org/fhir/R4/http.html#create (an id in the body is ignored) and, with
     ``If-None-Exist``, https://hl7.org/fhir/R4/http.html#ccreate (200 with the existing resource)."""
-    response_format(request)
+    fmt = response_format(request)
     check_type(type)
     resource = await incoming(request, type)
     store = services(request).store
     if_none_exist = request.headers.get("if-none-exist")
     if if_none_exist is None:
-        return written(request, await store.create(resource), 201)
+        return written(request, await store.create(resource), 201, fmt)
     wanted = condition(type, if_none_exist, "If-None-Exist")
     result = (await store.transaction([Operation.create(resource, if_none_exist=wanted)]))[0]
     assert result.resource is not None
-    return written(request, result.resource, 200 if result.matched else 201)
+    return written(request, result.resource, 200 if result.matched else 201, fmt)
 
 
 async def update(request: Request, type: str, id: str) -> Response:
     """See: https://hl7.org/fhir/R4/http.html#update (create-on-update with the client's id: 201)."""
-    response_format(request)
+    fmt = response_format(request)
     check_type(type)
     check_id(id)
     resource = await incoming(request, type)
     if resource.get("id") != id:
         raise InputError(f"the body's id {resource.get('id')!r} is not the URL's id {id!r}", expression="id")
     stored, created = await services(request).store.update(resource, request.headers.get("if-match"))
-    return written(request, stored, 201 if created else 200)
+    return written(request, stored, 201 if created else 200, fmt)
 
 
 async def update_conditional(request: Request, type: str) -> Response:
     """``PUT [type]?criteria``: https://hl7.org/fhir/R4/http.html#cond-update (none: create, one:
     update it, several: 412)."""
-    response_format(request)
+    fmt = response_format(request)
     check_type(type)
     wanted = condition(type, request.url.query, "url")
     resource = await incoming(request, type)
@@ -116,7 +116,7 @@ async def update_conditional(request: Request, type: str) -> Response:
     operation = Operation.update(resource, if_match=if_match, condition=wanted)
     result = (await services(request).store.transaction([operation]))[0]
     assert result.resource is not None
-    return written(request, result.resource, 201 if result.created else 200)
+    return written(request, result.resource, 201 if result.created else 200, fmt)
 
 
 async def patch(request: Request, type: str, id: str) -> Response:
@@ -126,7 +126,7 @@ async def patch(request: Request, type: str, id: str) -> Response:
     the version it was read from: a concurrent change makes it read and apply again (a few times),
     so no other writer's change is lost.
     """
-    response_format(request)
+    fmt = response_format(request)
     check_type(type)
     check_id(id)
     found = services(request)
@@ -145,7 +145,7 @@ async def patch(request: Request, type: str, id: str) -> Response:
             if if_match is not None or attempt == _PATCH_ATTEMPTS - 1:
                 raise
             continue
-        return written(request, stored, 200)
+        return written(request, stored, 200, fmt)
     raise AssertionError("unreachable")
 
 

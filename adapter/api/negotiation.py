@@ -8,6 +8,7 @@ request asked for something we cannot write. See https://hl7.org/fhir/R4/http.ht
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Literal
 
 from fastapi import Request, Response
@@ -50,6 +51,8 @@ def _media_type(value: str) -> str:
     return value.split(";", 1)[0].strip().lower()
 
 
+# Clients send the same few Accept values on every request: each is parsed once.
+@lru_cache(maxsize=256)
 def _from_accept(accept: str) -> Format | None:
     """The best format for an Accept header (RFC 9110 section 12.5.1), or None if none is acceptable."""
     best: tuple[float, int, Format] | None = None
@@ -75,7 +78,8 @@ def _from_accept(accept: str) -> Format | None:
 
 def response_format(request: Request) -> Format:
     """The format of the response to ``request``; :class:`NotAcceptable` when we can write none asked for."""
-    parameter = request.query_params.get("_format")
+    # Most requests have no query string: then there is no _format to parse one for.
+    parameter = request.query_params.get("_format") if request.scope.get("query_string") else None
     if parameter is not None:
         # An unencoded '+' in a query string arrives as a space ('application/fhir+json').
         fmt = _FORMAT_PARAMETER.get(_media_type(parameter.replace(" ", "+")))

@@ -74,12 +74,17 @@ class IndexRows:
 
 def normalise(text: str) -> str:
     """Case- and accent-insensitive form of a string (https://hl7.org/fhir/R4/search.html#string)."""
+    if text.isascii():
+        # The same for ASCII, where casefold() is lower() and NFKD changes nothing; most names are.
+        return text.lower()
     decomposed = unicodedata.normalize("NFKD", text.casefold())
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
 
 
 def _stamp(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")
+    # Fixed width, so that index rows compare as text in time order: isoformat writes the year with
+    # four digits (strftime's %Y writes 999 for the year 999 on glibc, which sorted after 1000).
+    return moment.isoformat(timespec="microseconds")
 
 
 def date_range(text: str) -> tuple[str, str] | None:
@@ -324,6 +329,28 @@ def _applies(text: str, type: str) -> bool:
     return match is None or match.group(1) in (type, "Resource", "DomainResource")
 
 
+#: One extractor of one parameter as :func:`index_values` runs it, with the first two names of its
+#: path for a plain walk (the second None for a one-step path), else None and None.
+_Step = tuple[SearchParam, Extractor, str | None, str | None]
+
+# type -> (what _extractors gave, the steps made of it); remade when _extractors gives something else.
+_STEPS: dict[str, tuple[object, tuple[_Step, ...]]] = {}
+
+
+def _steps(type: str) -> tuple[_Step, ...]:
+    """The extractors of ``type`` in order, as one flat tuple (the loop of :func:`index_values`)."""
+    extractors = _extractors(type)
+    known = _STEPS.get(type)
+    if known is None or known[0] is not extractors:
+        steps: list[_Step] = []
+        for param, compiled in extractors:
+            for expression in compiled:
+                names = expression.names if isinstance(expression, _PlainPath) else (None,)
+                steps.append((param, expression, names[0], names[1] if len(names) > 1 else None))
+        known = _STEPS[type] = (extractors, tuple(steps))
+    return known[1]
+
+
 def index_values(resource: dict[str, Any]) -> IndexRows:
     """The index rows of ``resource`` for every supported parameter of its type."""
     rows = IndexRows()
@@ -331,14 +358,23 @@ def index_values(resource: dict[str, Any]) -> IndexRows:
     if not isinstance(type, str):
         return rows
     env = fhirpath.Env(resource=resource, resolve=_resolve_by_type)
-    for param, compiled in _extractors(type):
-        for expression in compiled:
+    for param, expression, first_name, second_name in _steps(type):
+        if first_name is not None:
+            # A plain walk. Most name an element the resource does not have (or, like the meta.*
+            # ones, an object without the next element): no walk for those.
+            first = resource.get(first_name)
+            if first is None or (
+                second_name is not None and first.__class__ is dict and first.get(second_name) is None
+            ):
+                continue
+            found = expression(resource, env)
+        else:
             try:
                 found = expression(resource, env)
             except fhirpath.FHIRPathError:
                 continue  # a value the expression cannot handle is simply not searchable
-            for item in found:
-                _add(rows, param, item)
+        for item in found:
+            _add(rows, param, item)
     rows.tokens = list(dict.fromkeys(rows.tokens))
     rows.strings = list(dict.fromkeys(rows.strings))
     rows.references = list(dict.fromkeys(rows.references))

@@ -19,7 +19,7 @@ from adapter.search.query import Criterion, DateValue, NumberValue, ReferenceVal
 __all__ = ["INDEX_DELETES", "INDEX_SCHEMA", "INDEX_VERSION", "count_sql", "index_inserts", "search_sql"]
 
 #: Bump when what is indexed changes: stores rebuild the index of a database with an older one.
-INDEX_VERSION = "1"
+INDEX_VERSION = "2"  # 2: dates before the year 1000 written with four-digit years
 
 INDEX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sp_token (

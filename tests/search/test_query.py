@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 
 from adapter.errors import InputError
@@ -122,3 +124,19 @@ def test_index_values_of_names_addresses_and_periods() -> None:
     assert ("active", None, "true") in rows.tokens and ("phone", "phone", "0113 000 0000") in rows.tokens
     care = index_values({"resourceType": "EpisodeOfCare", "status": "active", "period": {"start": "2026-01-01"}})
     assert care.dates == [("date", "2026-01-01T00:00:00.000000", "9999-12-31T23:59:59.999999")]
+
+
+def test_normalise_folds_case_and_accents() -> None:
+    assert normalise("LS1 4AP") == "ls1 4ap" and normalise("Ñúñez") == "nunez" and normalise("Straße") == "strasse"
+    # ASCII text takes a shortcut: the same as the full folding, character by character.
+    for code in range(128):
+        assert normalise(chr(code)) == "".join(
+            c for c in unicodedata.normalize("NFKD", chr(code).casefold()) if not unicodedata.combining(c)
+        )
+
+
+def test_date_ranges_are_fixed_width_text() -> None:
+    assert date_range("1000-01-01") == ("1000-01-01T00:00:00.000000", "1000-01-02T00:00:00.000000")
+    assert date_range("9999") == ("9999-01-01T00:00:00.000000", "9999-12-31T23:59:59.999999")
+    assert date_range("2026-01-02T03:04:05.000001Z") == ("2026-01-02T03:04:05.000001", "2026-01-02T03:04:05.000002")
+    assert date_range("2026-01-02T03:04Z") == ("2026-01-02T03:04:00.000000", "2026-01-02T03:05:00.000000")

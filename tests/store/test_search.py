@@ -138,6 +138,16 @@ async def test_chains_find_a_persons_referrals_by_nhs_number_in_one_search(
     assert len(observations) == 2
 
 
+async def test_dates_before_the_year_1000_sort_before_later_ones(store: ResourceStore) -> None:
+    """Index rows compare as text: a year below 1000 must keep four digits ("0999", not "999",
+    which sorted after "1500")."""
+    old = await store.create(person("9990000018", "Ancient", "Ada", "0999-05-01"))
+    late = await store.create(person("9990000026", "Later", "Lee", "1500-05-01"))
+    assert await ids(store, "Patient", ("birthdate", "gt1000")) == [late["id"]]
+    assert await ids(store, "Patient", ("birthdate", "lt1000")) == [old["id"]]
+    assert await ids(store, "Patient", ("birthdate", "0999")) == [old["id"]]
+
+
 async def test_dates_with_prefixes_and_partial_values(store: ResourceStore, people: dict[str, Any]) -> None:
     async def birth(value: str) -> set[str]:
         names = {people[key]["id"]: key for key in people}
