@@ -16,7 +16,15 @@ from typing import Any
 from adapter.search.index import DATE_MAX, DATE_MIN, IndexRows
 from adapter.search.query import Criterion, DateValue, NumberValue, ReferenceValue, SearchQuery, StringValue, TokenValue
 
-__all__ = ["INDEX_DELETES", "INDEX_SCHEMA", "INDEX_VERSION", "count_sql", "index_inserts", "search_sql"]
+__all__ = [
+    "INDEX_DELETES",
+    "INDEX_INSERT_COLUMNS",
+    "INDEX_SCHEMA",
+    "INDEX_VERSION",
+    "count_sql",
+    "index_inserts",
+    "search_sql",
+]
 
 #: Bump when what is indexed changes: stores rebuild the index of a database with an older one.
 INDEX_VERSION = "2"  # 2: dates before the year 1000 written with four-digit years
@@ -79,15 +87,23 @@ _SORT_COLUMN = {
 INDEX_DELETES = tuple(f"DELETE FROM {table} WHERE type = ? AND id = ?" for table, _ in _TABLES.values())
 
 
+#: IndexRows field -> the INSERT of one row of its table (parameters: type, id, then the columns).
+_INSERTS = {
+    name: f"INSERT INTO {table} (type, id, {', '.join(columns)}) VALUES ({', '.join('?' * (len(columns) + 2))})"
+    for name, (table, columns) in _TABLES.items()
+}
+#: Each INSERT of :func:`index_inserts` -> (its table, all its columns), for a dialect that writes
+#: many rows in one statement.
+INDEX_INSERT_COLUMNS = {_INSERTS[name]: (table, ("type", "id", *columns)) for name, (table, columns) in _TABLES.items()}
+
+
 def index_inserts(type: str, id: str, rows: IndexRows, into: dict[str, list[tuple[Any, ...]]]) -> None:
     """Add the INSERTs of one resource's index rows to ``into`` (SQL -> parameter rows), so that a
     transaction writes each table with one ``executemany``."""
-    for name, (table, columns) in _TABLES.items():
+    for name in _TABLES:
         values = getattr(rows, name)
         if values:
-            marks = ", ".join("?" * (len(columns) + 2))
-            sql = f"INSERT INTO {table} (type, id, {', '.join(columns)}) VALUES ({marks})"
-            into.setdefault(sql, []).extend((type, id, *value) for value in values)
+            into.setdefault(_INSERTS[name], []).extend((type, id, *value) for value in values)
 
 
 def _like(text: str, contains: bool) -> str:
@@ -104,9 +120,9 @@ def _approximate(low: str, high: str) -> tuple[str, str]:
     gap = max(abs(now - start), abs(end - now) if end != datetime.max else timedelta(0)) / 10
     wide_low = start - gap if start - datetime.min > gap else datetime.min
     wide_high = end + gap if datetime.max - end > gap else datetime.max
-    fmt = "%Y-%m-%dT%H:%M:%S.%f"
-    return (wide_low.strftime(fmt) if wide_low != datetime.min else DATE_MIN), (
-        wide_high.strftime(fmt) if wide_high != datetime.max else DATE_MAX
+    # isoformat: four-digit years, as the index writes them (strftime's %Y drops the leading zero).
+    return (wide_low.isoformat(timespec="microseconds") if wide_low != datetime.min else DATE_MIN), (
+        wide_high.isoformat(timespec="microseconds") if wide_high != datetime.max else DATE_MAX
     )
 
 

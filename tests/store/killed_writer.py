@@ -63,12 +63,11 @@ def _main(database: str, pause: bool) -> None:
     from adapter.store import Operation
 
     store = open_store(database)
-    # Both stores write through adapter.store.sql.SQLStore._execute_all, one call per table.
-    from adapter.store.sql import SQLStore
+    # Both stores write each table with one _execute_all call (PostgreSQL's own: arrays of rows).
+    kind = type(store)
+    real_execute_all, calls = kind._execute_all, 0
 
-    real_execute_all, calls = SQLStore._execute_all, 0
-
-    def execute_all(self: SQLStore, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    def execute_all(self: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
         nonlocal calls
         real_execute_all(self, sql, rows)
         if len(rows) == CREATES:
@@ -78,7 +77,7 @@ def _main(database: str, pause: bool) -> None:
                 if pause:
                     time.sleep(60)
 
-    SQLStore._execute_all = execute_all  # type: ignore[method-assign]
+    kind._execute_all = execute_all  # type: ignore[method-assign]
 
     async def run() -> None:
         operations = [

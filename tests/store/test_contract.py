@@ -364,3 +364,30 @@ async def test_concurrent_single_writes_are_committed_together_and_each_gets_its
     assert (await store.read("Patient", patient["id"]))["gender"] == "female"
     with pytest.raises(Gone):
         await store.read("Patient", doomed["id"])
+
+
+async def test_a_large_transaction_is_searchable_and_in_history_order(store: ResourceStore) -> None:
+    """Enough rows that PostgreSQL writes the history and the index by COPY: every resource is
+    found by each of its indexed values, and the history keeps the transaction's order."""
+    operations = [
+        Operation.create(
+            {
+                "resourceType": "Patient",
+                "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": f"999{n:07d}"}],
+                "name": [{"family": f"Family{n}", "given": ["Given"]}],
+                "birthDate": f"19{n % 100:02d}-01-01",
+            }
+        )
+        for n in range(120)
+    ]
+    results = await store.transaction(operations)
+    ids = [result.id for result in results]
+    for n in (0, 57, 119):
+        pairs = [("identifier", f"https://fhir.nhs.uk/Id/nhs-number|999{n:07d}")]
+        found = await store.search(parse_search("Patient", pairs))
+        assert [resource["id"] for resource in found.resources] == [ids[n]]
+        found = await store.search(
+            parse_search("Patient", [("family", f"Family{n}"), ("birthdate", f"19{n % 100:02d}")])
+        )
+        assert [resource["id"] for resource in found.resources] == [ids[n]]
+    assert [entry.id for entry in await store.history("Patient")] == ids[::-1]
