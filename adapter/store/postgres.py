@@ -256,10 +256,11 @@ class PostgresStore(SQLStore):
         readers, self._readers = self._readers, None
         if readers is not None:
             await readers.close()
+        await super().close()
+        # After the worker thread's last write, which may have started the statistics thread.
         statistics, self._statistics = self._statistics, None
         if statistics is not None:
             statistics.stop()
-        await super().close()
 
     def _flush(self, batch: _Batch) -> None:
         # One pipeline for all the statements of a write: one round trip instead of one each; then

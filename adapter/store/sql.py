@@ -516,11 +516,12 @@ class SQLStore:
     def _drain(self) -> None:
         """On the worker thread: write every single write queued, :data:`_COMBINE` at a time."""
         with self._queue_lock:
-            queued = [single for single in self._singles if not single.cancelled]
+            queued = list(self._singles)
             self._singles.clear()
             self._drain_pending = False
         for start in range(0, len(queued), _COMBINE):
-            taken = queued[start : start + _COMBINE]
+            # A caller may give up while the chunks before its own are written: skipped here.
+            taken = [single for single in queued[start : start + _COMBINE] if not single.cancelled]
             self._writing = taken
             try:
                 self._call(self._write_taken, taken)
@@ -541,16 +542,25 @@ class SQLStore:
             return
         try:
             outcomes = self._write_groups([[queued.operation] for queued in taken])
-        except AdapterError:
-            # The shared transaction lost against another writer as a whole and was rolled back
-            # (Conflict): each operation again in a transaction of its own, so that a clash is only
-            # its own writer's. Any other failure (a lost connection, where a commit may or may not
-            # have happened) is every caller's error: retrying could write a create twice.
+        except Exception as exc:
+            if self._conn is None or not self._usable(self._conn):
+                # The connection was lost: whether the commit happened is unknown, so nothing is
+                # tried again (a create could be written twice); every caller gets the error.
+                for queued in taken:
+                    queued.error = exc
+                return
+            # The shared transaction was rolled back as a whole (it lost against another writer,
+            # or the database refused one operation's data): each operation again in a transaction
+            # of its own, so that the failure is only its own caller's. An operation whose caller
+            # has given up (cancelled, which may be what interrupted the transaction) is not.
             for queued in taken:
+                if queued.cancelled:
+                    queued.error = exc
+                    continue
                 try:
                     queued.result = self._write([queued.operation])[0]
-                except BaseException as exc:
-                    queued.error = exc
+                except BaseException as error:
+                    queued.error = error
             return
         except BaseException as exc:
             for queued in taken:

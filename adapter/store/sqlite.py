@@ -197,7 +197,8 @@ class SQLiteStore(SQLStore):
                 self._conn.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode not in _BUSY or time.monotonic() + pause > deadline:
+                # The primary code: SQLITE_BUSY_RECOVERY and the like are busy too.
+                if exc.sqlite_errorcode & 0xFF not in _BUSY or time.monotonic() + pause > deadline:
                     raise Conflict(f"the store is locked by another writer: {exc}") from exc
             time.sleep(pause)
             pause = min(2 * pause, _LAST_PAUSE)

@@ -283,3 +283,45 @@ async def test_a_bulk_write_leaves_the_planner_statistics_up_to_date(postgres_ds
     # The tables the write filled, with what the planner now knows of them.
     assert tables.get("resources") == 600 and tables.get("history") == 600
     assert tables.get("sp_token", 0) >= 600
+
+
+async def test_a_write_the_database_refuses_fails_alone_among_writes_committed_together(postgres_dsn: str) -> None:
+    """PostgreSQL refuses a NUL in a string (jsonb cannot hold it); the creates committed together
+    with it are written one by one after the shared transaction fails, and only it fails."""
+    async with PostgresStore(postgres_dsn) as store:
+        busy = asyncio.ensure_future(store._run(time.sleep, 0.2))  # the creates queue up behind it
+        await asyncio.sleep(0.01)
+        outcomes = await asyncio.gather(
+            *(store.create({"resourceType": "Patient", "name": [{"family": f"Good{n}"}]}) for n in range(5)),
+            store.create({"resourceType": "Patient", "name": [{"family": "A\u0000B"}]}),
+            busy,
+            return_exceptions=True,
+        )
+        assert all(isinstance(outcome, dict) for outcome in outcomes[:5]), outcomes
+        assert isinstance(outcomes[5], psycopg.DataError), outcomes[5]
+        assert len(await store.history("Patient")) == 5
+
+
+async def test_writes_whose_callers_gave_up_are_not_written(postgres_dsn: str) -> None:
+    """Two updates committed together wait for another session's lock; both callers are
+    cancelled, which interrupts the transaction: neither is written afterwards."""
+    async with PostgresStore(postgres_dsn, lock_timeout=30) as store:
+        with psycopg.connect(postgres_dsn) as other:
+            other.execute("SELECT pg_advisory_xact_lock(hashtextextended('Patient/x', 0))")
+            busy = asyncio.ensure_future(store._run(time.sleep, 0.2))
+            await asyncio.sleep(0.01)
+            writes = [asyncio.ensure_future(store.update({"resourceType": "Patient", "id": id})) for id in "xy"]
+            await busy
+            await asyncio.sleep(0.3)  # both now wait in one transaction for the lock of Patient/x
+            for write in writes:
+                write.cancel()
+            for write in writes:
+                with pytest.raises(asyncio.CancelledError):
+                    await write
+            other.rollback()
+        await asyncio.sleep(0.3)
+        for id in "xy":
+            with pytest.raises(NotFound):
+                await store.read("Patient", id)
+        updated, created = await store.update({"resourceType": "Patient", "id": "x"})
+        assert created and updated["meta"]["versionId"] == "1"
