@@ -432,6 +432,9 @@ class SQLStore:
     def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         raise NotImplementedError
 
+    def _check_storable(self, resource: Resource, text: str) -> None:
+        """Raise :class:`InputError` for a resource (``text``, its JSON) the database cannot hold."""
+
     def _row(self, type: str, id: str, version: int, now: str, text: str | None) -> tuple[Any, ...]:
         """The parameters of :attr:`put_resource_sql` and :attr:`put_history_sql`."""
         return (type, id, version, now, text is None, text)
@@ -975,6 +978,7 @@ class SQLStore:
         version = 1 if current is None else current[0] + 1
         stamped = with_meta(resource, id, version, now)
         text = dumps(stamped).decode("utf-8")
+        self._check_storable(stamped, text)
         batch.versions.append(self._row(operation.type, id, version, now, text))
         rows = index_values(stamped)
         index_inserts(operation.type, id, rows, batch.index)

@@ -17,6 +17,7 @@ pytest.importorskip("psycopg", reason="psycopg is not installed")
 
 import psycopg
 
+from adapter.errors import InputError
 from adapter.search.query import parse_search
 from adapter.store import Conflict, Gone, NotFound, Operation, VersionConflict
 from adapter.store.postgres import PostgresStore
@@ -286,20 +287,29 @@ async def test_a_bulk_write_leaves_the_planner_statistics_up_to_date(postgres_ds
 
 
 async def test_a_write_the_database_refuses_fails_alone_among_writes_committed_together(postgres_dsn: str) -> None:
-    """PostgreSQL refuses a NUL in a string (jsonb cannot hold it); the creates committed together
-    with it are written one by one after the shared transaction fails, and only it fails."""
+    """PostgreSQL refuses a name too long for its B-tree index of names; the creates committed
+    together with it are written one by one after the shared transaction fails, and only it fails."""
     async with PostgresStore(postgres_dsn) as store:
         busy = asyncio.ensure_future(store._run(time.sleep, 0.2))  # the creates queue up behind it
         await asyncio.sleep(0.01)
         outcomes = await asyncio.gather(
             *(store.create({"resourceType": "Patient", "name": [{"family": f"Good{n}"}]}) for n in range(5)),
-            store.create({"resourceType": "Patient", "name": [{"family": "A\u0000B"}]}),
+            store.create({"resourceType": "Patient", "name": [{"family": "".join(map(str, range(3000)))}]}),
             busy,
             return_exceptions=True,
         )
         assert all(isinstance(outcome, dict) for outcome in outcomes[:5]), outcomes
-        assert isinstance(outcomes[5], psycopg.DataError), outcomes[5]
+        assert isinstance(outcomes[5], psycopg.Error), outcomes[5]
         assert len(await store.history("Patient")) == 5
+
+
+async def test_a_string_with_u0000_is_refused_with_its_path(postgres_dsn: str) -> None:
+    """R4's string regex admits U+0000, PostgreSQL cannot store it: a 400 naming the element."""
+    async with PostgresStore(postgres_dsn) as store:
+        with pytest.raises(InputError) as error:
+            await store.create({"resourceType": "Patient", "name": [{"given": ["Ann", "A\u0000B"]}]})
+        assert error.value.expression == "Patient.name[0].given[1]"
+        assert await store.history("Patient") == []
 
 
 async def test_writes_whose_callers_gave_up_are_not_written(postgres_dsn: str) -> None:
