@@ -109,7 +109,7 @@ async def _map(
     chunks = [raws[start : start + _CHUNK] for start in range(0, len(raws), _CHUNK)]
     pending: deque[asyncio.Future[bytes]] = deque()
     try:
-        for taken, chunk in enumerate(chunks):
+        for taken in range(len(chunks)):
             try:
                 while taken + len(pending) < len(chunks) and len(pending) < pool.processes * _AHEAD:
                     pending.append(asyncio.wrap_future(pool.submit(spec.name, chunks[taken + len(pending)])))

@@ -107,6 +107,13 @@ _INDEX_TABLES = ("sp_token", "sp_string", "sp_reference", "sp_date", "sp_number"
 _CHUNK = 500
 
 
+def _in_lists(values: Sequence[str]) -> Iterator[tuple[list[str], str]]:
+    """``values`` in chunks of at most :data:`_CHUNK`, each with its ``?, ?, ...`` for ``IN (...)``."""
+    for start in range(0, len(values), _CHUNK):
+        chunk = list(values[start : start + _CHUNK])
+        yield chunk, ", ".join("?" * len(chunk))
+
+
 @contextmanager
 def _blame(index: int) -> Iterator[None]:
     """Mark an error of a transaction with the index of the operation that raised it."""
@@ -295,11 +302,10 @@ class _Window:
             self._current[(type, id)] = None
             ids.setdefault(type, []).append(id)
         for type, of_type in ids.items():
-            for start in range(0, len(of_type), _CHUNK):
-                chunk = of_type[start : start + _CHUNK]
+            for chunk, marks in _in_lists(of_type):
                 rows = self._store._execute(
-                    "SELECT id, version, deleted, json FROM resources"
-                    f" WHERE type = ? AND id IN ({', '.join('?' * len(chunk))}){self._store.row_lock}",
+                    f"SELECT id, version, deleted, json FROM resources WHERE type = ? AND id IN ({marks})"
+                    + self._store.row_lock,
                     [type, *chunk],
                 )
                 for id, version, deleted, text in rows:
@@ -318,8 +324,7 @@ class _Window:
         """Take in what a group stores (only new resources: every operation is a create)."""
         for type, id, current, rows in batch.stored:
             self._current[(type, id)] = current
-            if rows is None:  # a delete, which open() lets in no window
-                raise _Undecided
+            assert rows is not None, "open() lets only creates into a window"
             for param, system, code in rows.tokens:
                 watching = self._watch.get((type, param, code))
                 if not watching:
@@ -367,11 +372,10 @@ class SQLStore:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
         self._closed = False
-        # Single writes not yet taken by the worker thread, whether a job to take them is on its
-        # way and which, and those being written (_single).
+        # Single writes not yet taken by the worker thread, the job on its way to take them, and
+        # those being written (_single).
         self._queue_lock = threading.Lock()
         self._singles: list[_Single] = []
-        self._drain_pending = False
         self._drain_job: asyncio.Future[None] | None = None
         self._writing: list[_Single] = []
         self._conn: Any = None
@@ -496,8 +500,9 @@ class SQLStore:
             raise RuntimeError("the store is closed")
         single = _Single(operation)
         with self._queue_lock:
+            # An empty queue has no job on its way (a job empties the queue when it takes it).
+            start = not self._singles
             self._singles.append(single)
-            start, self._drain_pending = not self._drain_pending, True
         if start:
             self._drain_job = asyncio.get_running_loop().run_in_executor(self._executor, self._drain)
         job = self._drain_job
@@ -519,9 +524,7 @@ class SQLStore:
     def _drain(self) -> None:
         """On the worker thread: write every single write queued, :data:`_COMBINE` at a time."""
         with self._queue_lock:
-            queued = list(self._singles)
-            self._singles.clear()
-            self._drain_pending = False
+            queued, self._singles = self._singles, []
         for start in range(0, len(queued), _COMBINE):
             # A caller may give up while the chunks before its own are written: skipped here.
             taken = [single for single in queued[start : start + _COMBINE] if not single.cancelled]
@@ -534,46 +537,42 @@ class SQLStore:
             finally:
                 self._writing = []
 
+    def _write_alone(self, single: _Single) -> None:
+        """Write ``single`` in a transaction of its own, keeping its result or error."""
+        try:
+            single.result = self._write([single.operation])[0]
+        except BaseException as exc:
+            single.error = exc
+
     def _write_taken(self, taken: list[_Single]) -> None:
-        if not taken:
-            return
-        if len(taken) == 1:
-            try:
-                taken[0].result = self._write([taken[0].operation])[0]
-            except BaseException as exc:
-                taken[0].error = exc
+        if len(taken) <= 1:
+            for single in taken:
+                self._write_alone(single)
             return
         try:
-            outcomes = self._write_groups([[queued.operation] for queued in taken])
-        except Exception as exc:
-            if self._conn is None or not self._usable(self._conn):
-                # The connection was lost: whether the commit happened is unknown, so nothing is
-                # tried again (a create could be written twice); every caller gets the error.
-                for queued in taken:
-                    queued.error = exc
-                return
-            # The shared transaction was rolled back as a whole (it lost against another writer,
-            # or the database refused one operation's data): each operation again in a transaction
-            # of its own, so that the failure is only its own caller's. An operation whose caller
-            # has given up (cancelled, which may be what interrupted the transaction) is not.
-            for queued in taken:
-                if queued.cancelled:
-                    queued.error = exc
-                    continue
-                try:
-                    queued.result = self._write([queued.operation])[0]
-                except BaseException as error:
-                    queued.error = error
-            return
+            outcomes = self._write_groups([[single.operation] for single in taken])
         except BaseException as exc:
-            for queued in taken:
-                queued.error = exc
-            return
-        for queued, outcome in zip(taken, outcomes, strict=True):
-            if isinstance(outcome, AdapterError):
-                queued.error = outcome
+            if isinstance(exc, Exception) and self._conn is not None and self._usable(self._conn):
+                # The shared transaction was rolled back as a whole (it lost against another
+                # writer, or the database refused one operation's data): each operation again in a
+                # transaction of its own, so that the failure is only its own caller's, but not one
+                # whose caller gave up (cancelled, which may be what interrupted the transaction).
+                for single in taken:
+                    if single.cancelled:
+                        single.error = exc
+                    else:
+                        self._write_alone(single)
             else:
-                queued.result = outcome[0]
+                # The connection was lost (whether the commit happened is unknown: trying again
+                # could write a create twice), or the process is stopping: every caller's error.
+                for single in taken:
+                    single.error = exc
+            return
+        for single, outcome in zip(taken, outcomes, strict=True):
+            if isinstance(outcome, AdapterError):
+                single.error = outcome
+            else:
+                single.result = outcome[0]
 
     async def close(self) -> None:
         if self._closed:
@@ -669,9 +668,7 @@ class SQLStore:
     @staticmethod
     def _resource_steps(type: str, ids: Sequence[str]) -> Steps[list[Resource]]:
         found: dict[str, str] = {}
-        for start in range(0, len(ids), _CHUNK):
-            chunk = list(ids[start : start + _CHUNK])
-            marks = ", ".join("?" * len(chunk))
+        for chunk, marks in _in_lists(ids):
             rows = yield (
                 f"SELECT id, json FROM resources WHERE type = ? AND NOT deleted AND id IN ({marks})",
                 [
@@ -779,11 +776,10 @@ class SQLStore:
         resources that are not deleted: the rows :func:`adapter.store._search_sql.criterion_ids`
         looks at for a token criterion, for many codes at once."""
         rows: Rows = []
-        for start in range(0, len(codes), _CHUNK):
-            chunk = codes[start : start + _CHUNK]
+        for chunk, marks in _in_lists(codes):
             rows += self._execute(
                 "SELECT t.code, t.system, t.id FROM sp_token t JOIN resources r ON r.type = t.type AND r.id = t.id"
-                f" WHERE t.type = ? AND t.param = ? AND t.code IN ({', '.join('?' * len(chunk))}) AND NOT r.deleted",
+                f" WHERE t.type = ? AND t.param = ? AND t.code IN ({marks}) AND NOT r.deleted",
                 [type, param, *chunk],
             )
         return rows
@@ -839,11 +835,10 @@ class SQLStore:
                     return self._write_window(groups, now, window)
                 except _Undecided:
                     pass  # nothing is written yet: the general path below decides
-            lookups = _Direct(self)
             for group in groups:
                 self._execute("SAVEPOINT spfhir_group")
                 try:
-                    outcomes.append(self._apply_all(group, now, lookups))
+                    outcomes.append(self._apply_all(group, now))
                 except AdapterError as exc:
                     self._execute("ROLLBACK TO SAVEPOINT spfhir_group")
                     outcomes.append(exc)
@@ -870,12 +865,10 @@ class SQLStore:
         self._flush(batch)
         return outcomes
 
-    def _apply_all(
-        self, operations: list[Operation], now: str, lookups: _Direct | None = None
-    ) -> list[OperationResult]:
+    def _apply_all(self, operations: list[Operation], now: str) -> list[OperationResult]:
         """Plan and write ``operations`` inside the open transaction (see :meth:`ResourceStore.transaction`)."""
         batch = _Batch()
-        results = self._plan_and_apply(operations, now, lookups or _Direct(self), batch)
+        results = self._plan_and_apply(operations, now, _Direct(self), batch)
         self._flush(batch)
         return results
 

@@ -124,8 +124,8 @@ class SQLiteStore(SQLStore):
                     self._checkpointer = Housekeeping(
                         "sqlite-checkpoint",
                         lambda: sqlite3.connect(path, timeout=timeout, isolation_level=None),
-                        # Busy, or the file went away: the writer's own checkpoint remains.
                         _checkpoint,
+                        # Busy, or the file went away: the writer's own checkpoint remains.
                         (sqlite3.Error,),
                         _CHECKPOINT_DELAY,
                     )
