@@ -578,9 +578,11 @@ class ProfileValidator:
         mapping engine does; inside a Bundle the Bundle's entries are used. ``conformance``
         remembers which of those targets meet which profile, across the calls that share it
         (the targets must not change meanwhile)."""
-        issues = list(self.structural.validate(resource))
+        issues, extended = self.structural.examine(resource)
         if isinstance(resource, dict):
             run = _Run(self, resource, resolve, conformance)
+            # Without an extension anywhere there is nothing for the sweep to find.
+            run.sweep = extended
             run.resource(resource, resource.get("resourceType", "Resource"), list(profiles), None)
             issues += run.issues
             if conformance is not None and not any(issue.is_error for issue in issues):
@@ -620,6 +622,7 @@ class _Run:
         self.root = root
         self.issues: list[Issue] = []
         self.checked_extensions: set[int] = set()
+        self.sweep = True  # whether to look for extensions no profile mentions
         self.checked_profiles: set[tuple[int, str]] = set()
         self.probing = 0
         self.not_checked: set[str] = set()
@@ -655,7 +658,8 @@ class _Run:
                 self.add("error", "invalid", f"profile {url} is for {profile.type}, not {type}", where, prefix)
                 continue
             self.check(profile, resource, where, f"{prefix}{profile.name}: ")
-        self.sweep_extensions(resource, where, prefix)
+        if self.sweep:
+            self.sweep_extensions(resource, where, prefix)
         for i, contained in enumerate(resource.get("contained") or ()):
             if isinstance(contained, dict):
                 self.resource(contained, f"{where}.contained[{i}]", [], prefix)

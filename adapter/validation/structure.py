@@ -193,12 +193,13 @@ def _target_types(element: ElementDef) -> frozenset[str] | None:
 class _Walk:
     """One validation run: collects issues while walking a resource."""
 
-    __slots__ = ("env", "invariants", "issues")
+    __slots__ = ("env", "extended", "invariants", "issues")
 
     def __init__(self, invariants: InvariantChecker) -> None:
         self.issues: list[Issue] = []
         self.invariants = invariants
         self.env: Env | None = None
+        self.extended = False  # whether an Extension was walked
 
     def error(self, code: str, message: str, path: Path) -> None:
         self.issues.append(Issue("error", code, message, render(path)))
@@ -252,6 +253,7 @@ class _Walk:
                     # XML comments as JSON, a DSTU2 convention that converters still emit: no data, so
                     # a warning rather than an unknown element (HAPI's parser skips it too).
                     self.issues.append(Issue("warning", "informational", _COMMENTS, render((path, ".fhir_comments"))))
+                    self.extended = True  # not walked: may hold anything
                 elif not (resource_root and key == "resourceType"):
                     self.error("structure", f"Unknown element '{key}' in {table.ctx.path}", (path, "." + key))
                 continue
@@ -295,6 +297,7 @@ class _Walk:
                     (path, "." + element_name),
                 )
         if table.is_extension:
+            self.extended = True
             has_value = any(key.startswith(("value", "_value")) for key in node)
             if has_value == ("extension" in node):
                 self.error("invariant", "ext-1: Must have either extensions or value[x], not both", path)
@@ -506,9 +509,17 @@ class StructuralValidator:
         self._invariants = InvariantChecker()
 
     def validate(self, resource: Any, profiles: Sequence[str] = ()) -> list[Issue]:
+        return self.examine(resource)[0]
+
+    def examine(self, resource: Any) -> tuple[list[Issue], bool]:
+        """The issues of ``resource``, and whether it may hold an extension anywhere (contained
+        resources and Bundle entries included): False only when the walk met no Extension and
+        went through every element (it leaves out only what it reports as an error, and
+        ``fhir_comments``)."""
         walk = _Walk(self._invariants)
         try:
             walk.resource(resource, None, None)
         except RecursionError:
-            return [Issue("error", "too-costly", "The resource is nested too deeply to validate", "Resource")]
-        return list(dict.fromkeys(walk.issues))
+            return [Issue("error", "too-costly", "The resource is nested too deeply to validate", "Resource")], True
+        issues = list(dict.fromkeys(walk.issues))
+        return issues, walk.extended or any(issue.is_error for issue in issues)

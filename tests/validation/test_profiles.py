@@ -363,6 +363,27 @@ def test_extensions_definitions_invariants_and_did_you_mean(validator: ProfileVa
     assert any("unknown extension" in m for _, m in errors(validator, modifier))
 
 
+def test_unknown_extensions_are_found_wherever_the_walk_meets_them(validator: ProfileValidator) -> None:
+    """The sweep for extensions no profile mentions is skipped only for a resource the structural
+    walk went all through without meeting an extension: one on a primitive of a contained
+    resource of a Bundle entry is still reported, and so is one below an unknown element."""
+    assert validator.structural.examine(patient())[1] is False
+    unknown = {"url": "https://unknown.example/x", "valueBoolean": True}
+    inner = patient(id="p2", meta=None, _gender={"extension": [unknown]})
+    del inner["meta"]
+    assert validator.structural.examine(inner)[1] is True
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"fullUrl": "urn:uuid:0d3f5ad5-1b0c-4b7f-9a55-3a3e3f0b6a61", "resource": goal(contained=[inner])}],
+    }
+    [warning] = [i for i in validator.validate(bundle) if "unknown extension" in i.diagnostics]
+    assert warning.expression == "Bundle.entry[0].resource.contained[0].gender.extension[0]"
+    hidden = patient(unknownElement={"extension": [unknown]})
+    assert validator.structural.examine(hidden)[1] is True
+    assert any("unknown extension" in i.diagnostics for i in validator.validate(hidden))
+
+
 def test_types_max_length_and_target_profiles_inside_a_bundle(validator: ProfileValidator) -> None:
     [(where, message)] = errors(validator, goal(target=[{"measure": {"text": "steps"}, "detailString": "x"}]))
     assert where == "Goal.target[0].detail.ofType(string)"
