@@ -6,6 +6,12 @@ are replaced on every write. A search is ``SELECT id FROM resources`` with one `
 per criterion, so each criterion is answered from its table's ``(type, param, value)`` index; a
 chain nests the same subqueries through ``sp_reference``. The SQL is written with ``?``
 placeholders (the PostgreSQL store rewrites them) and only values travel as parameters.
+
+Long values. The token codes and string values of a resource can be of any length (an R4 string
+holds up to 1 MB), but a PostgreSQL B-tree index row cannot: there those two value indexes hold the
+first :data:`KEY_CHARS` characters of the value (``key_chars``; SQLite, which has no such limit,
+indexes whole values with ``key_chars=None``). Every condition on them is then written on that
+key, for the index, and on the whole value too wherever the key alone cannot decide.
 """
 
 from __future__ import annotations
@@ -21,22 +27,66 @@ __all__ = [
     "INDEX_INSERT_COLUMNS",
     "INDEX_SCHEMA",
     "INDEX_VERSION",
+    "KEY_CHARS",
+    "TEXT_VALUE_INDEXES",
     "count_sql",
     "index_inserts",
+    "index_key",
+    "index_schema",
     "search_sql",
+    "text_value_indexes",
 ]
 
 #: Bump when what is indexed changes: stores rebuild the index of a database with an older one.
 INDEX_VERSION = "2"  # 2: dates before the year 1000 written with four-digit years
 
-INDEX_SCHEMA = """
+#: Characters of a token code or string value that PostgreSQL's value indexes hold. A B-tree
+#: index entry "cannot exceed approximately one-third of a page (after TOAST compression, if
+#: applicable)" (https://www.postgresql.org/docs/15/btree-intro.html): 2,704 bytes
+#: with 8 kB pages ("index row size ... exceeds btree version 4 maximum 2704"). 256 characters
+#: take at most 1,024 bytes even if every one needs 4 bytes in UTF-8; with the row's header (8),
+#: ``type`` (at most 64 characters, ``check_type``), ``param`` (at most 33, R4's longest search
+#: parameter code), their length bytes, alignment and the heap TID of a pivot tuple (8), a row
+#: stays under 1,200 bytes, less than half the limit whatever the text and whether or not it
+#: compresses. Values that share their first 256 characters are rare enough that the index still
+#: narrows a search to a handful of rows, which the condition on the whole value then decides.
+KEY_CHARS = 256
+
+#: The value indexes over text taken from the resource with no bound on its length:
+#: name -> (table, column). (``sp_reference_value`` indexes ``target_id``, an id of at most 64
+#: characters; a reference's ``url`` is not indexed.)
+TEXT_VALUE_INDEXES = {"sp_token_value": ("sp_token", "code"), "sp_string_value": ("sp_string", "norm")}
+
+
+def index_key(column: str, key_chars: int | None) -> str:
+    """What a value index holds of ``column``: the whole value, or (PostgreSQL) its first
+    ``key_chars`` characters in the "C" collation, code point order on UTF-8, in which the
+    strings that start with a prefix form one range of the index (:func:`_starts_with`) whatever
+    the database's own collation."""
+    return column if key_chars is None else f'left({column}, {key_chars}) COLLATE "C"'
+
+
+def text_value_indexes(key_chars: int | None) -> dict[str, str]:
+    """The CREATE INDEX of each of :data:`TEXT_VALUE_INDEXES`, by name."""
+    return {
+        name: f"CREATE INDEX IF NOT EXISTS {name} ON {table} (type, param, {index_key(column, key_chars)})"
+        for name, (table, column) in TEXT_VALUE_INDEXES.items()
+    }
+
+
+def index_schema(key_chars: int | None) -> str:
+    """The index tables, their indexes, ``searches`` and ``store_meta`` (see :func:`index_key`)."""
+    return _INDEX_SCHEMA.format_map({name: sql + ";" for name, sql in text_value_indexes(key_chars).items()})
+
+
+_INDEX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sp_token (
     type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, system TEXT, code TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS sp_token_value ON sp_token (type, param, code);
+{sp_token_value}
 CREATE INDEX IF NOT EXISTS sp_token_owner ON sp_token (type, id);
 CREATE TABLE IF NOT EXISTS sp_string (
     type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, norm TEXT NOT NULL, exact TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS sp_string_value ON sp_string (type, param, norm);
+{sp_string_value}
 CREATE INDEX IF NOT EXISTS sp_string_owner ON sp_string (type, id);
 CREATE TABLE IF NOT EXISTS sp_reference (
     type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, target_type TEXT, target_id TEXT, url TEXT NOT NULL);
@@ -54,6 +104,8 @@ CREATE TABLE IF NOT EXISTS searches (
     id TEXT PRIMARY KEY, created TEXT NOT NULL, type TEXT NOT NULL, query TEXT NOT NULL, ids TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+#: The schema of a store that indexes whole values (SQLite).
+INDEX_SCHEMA = index_schema(None)
 
 # IndexRows field -> (table, its value columns)
 _TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -109,6 +161,41 @@ def index_inserts(type: str, id: str, rows: IndexRows, into: dict[str, list[tupl
 def _like(text: str, contains: bool) -> str:
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%" if contains else f"{escaped}%"
+
+
+def _equals(column: str, value: str, key_chars: int | None) -> tuple[str, list[Any]]:
+    """``column = value``, on the index key (:func:`index_key`) and then on the whole value."""
+    if key_chars is None:
+        return f"{column} = ?", [value]
+    return f"({index_key(column, key_chars)} = left(?, {key_chars}) AND {column} = ?)", [value, value]
+
+
+def _after(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` in code point order, or
+    None when there is none (``prefix`` is empty or all U+10FFFF)."""
+    while prefix:
+        last = ord(prefix[-1]) + 1
+        if last <= 0x10FFFF:
+            # Surrogates are not characters: U+E000 comes next after U+D7FF.
+            return prefix[:-1] + chr(0xE000 if last == 0xD800 else last)
+        prefix = prefix[:-1]
+    return None
+
+
+def _starts_with(column: str, prefix: str, key_chars: int | None) -> tuple[str, list[Any]]:
+    """``column`` starts with ``prefix``. On a key of ``key_chars`` characters, a prefix no longer
+    than that is one range of the index, [prefix, :func:`_after` it), which decides alone; a
+    longer one is the key's equality, and the whole value decides."""
+    like = f"{column} LIKE ? ESCAPE '\\'"
+    if key_chars is None:
+        return like, [_like(prefix, contains=False)]
+    key = index_key(column, key_chars)
+    if len(prefix) > key_chars:
+        return f"({key} = left(?, {key_chars}) AND {like})", [prefix, _like(prefix, contains=False)]
+    end = _after(prefix)
+    if end is None:
+        return f"{key} >= ?", [prefix]
+    return f"({key} >= ? AND {key} < ?)", [prefix, end]
 
 
 def _approximate(low: str, high: str) -> tuple[str, str]:
@@ -176,19 +263,22 @@ def _number_condition(value: NumberValue) -> tuple[str, list[Any]]:
     return f"({sql})", params
 
 
-def _value_condition(criterion: Criterion, value: object) -> tuple[str, list[Any]]:
+def _value_condition(criterion: Criterion, value: object, key_chars: int | None) -> tuple[str, list[Any]]:
     if isinstance(value, TokenValue):
         if value.code is None:
             return "system = ?", [value.system]
+        code, params = _equals("code", value.code, key_chars)
         if value.system is None:
-            return "code = ?", [value.code]
+            return code, params
         if value.system == "":
-            return "(code = ? AND system IS NULL)", [value.code]
-        return "(code = ? AND system = ?)", [value.code, value.system]
+            return f"({code} AND system IS NULL)", params
+        return f"({code} AND system = ?)", [*params, value.system]
     if isinstance(value, StringValue):
         if criterion.modifier == "exact":
             return "exact = ?", [value.text]
-        return "norm LIKE ? ESCAPE '\\'", [_like(value.normalised, criterion.modifier == "contains")]
+        if criterion.modifier == "contains":
+            return "norm LIKE ? ESCAPE '\\'", [_like(value.normalised, contains=True)]
+        return _starts_with("norm", value.normalised, key_chars)
     if isinstance(value, ReferenceValue):
         if value.id is None:
             return "url = ?", [value.url]
@@ -225,15 +315,16 @@ def _last_updated_condition(value: DateValue) -> tuple[str, list[Any]]:
     return "(last_updated >= ? AND last_updated < ?)", [wide_low[:23] + "Z", wide_high[:23] + "Z"]
 
 
-def criterion_ids(criterion: Criterion) -> tuple[str, list[Any]]:
-    """A subquery giving the ids of ``criterion.type`` resources that meet ``criterion``."""
+def criterion_ids(criterion: Criterion, key_chars: int | None) -> tuple[str, list[Any]]:
+    """A subquery giving the ids of ``criterion.type`` resources that meet ``criterion``
+    (``key_chars``: see :func:`index_key`)."""
     param = criterion.param
     type = criterion.type
     if criterion.chain:
         parts: list[str] = []
         params: list[Any] = [type, param.code]
         for inner in criterion.chain:
-            inner_sql, inner_params = criterion_ids(inner)
+            inner_sql, inner_params = criterion_ids(inner, key_chars)
             parts.append(f"(target_type = ? AND target_id IN ({inner_sql}))")
             params += [inner.type, *inner_params]
         return f"SELECT id FROM sp_reference WHERE type = ? AND param = ? AND ({' OR '.join(parts)})", params
@@ -262,28 +353,29 @@ def criterion_ids(criterion: Criterion) -> tuple[str, list[Any]]:
     conditions = []
     params = [type, param.code]
     for value in criterion.values:
-        sql, more = _value_condition(criterion, value)
+        sql, more = _value_condition(criterion, value, key_chars)
         conditions.append(sql)
         params += more
     return f"SELECT id FROM {table} WHERE type = ? AND param = ? AND ({' OR '.join(conditions)})", params
 
 
-def _where(query: SearchQuery) -> tuple[str, list[Any]]:
+def _where(query: SearchQuery, key_chars: int | None) -> tuple[str, list[Any]]:
     sql = "FROM resources r WHERE r.type = ? AND NOT r.deleted"
     params: list[Any] = [query.type]
     for criterion in query.criteria:
-        inner, more = criterion_ids(criterion)
+        inner, more = criterion_ids(criterion, key_chars)
         sql += f" AND r.id IN ({inner})"
         params += more
     return sql, params
 
 
-def search_sql(query: SearchQuery, first_page: bool = False) -> tuple[str, list[Any]]:
+def search_sql(query: SearchQuery, *, key_chars: int | None, first_page: bool = False) -> tuple[str, list[Any]]:
     """The ids of every match, in the order ``_sort`` asks for (then oldest first, then id).
 
     ``first_page``: instead, (id, json, total) of the first ``query.count`` matches only, the total
-    counted by a window function: one statement answers a search that fits on one page."""
-    where, params = _where(query)
+    counted by a window function: one statement answers a search that fits on one page.
+    ``key_chars``: see :func:`index_key`."""
+    where, params = _where(query, key_chars)
     order: list[str] = []
     for key in query.sort:
         if key.param.code == "_id":
@@ -305,6 +397,6 @@ def search_sql(query: SearchQuery, first_page: bool = False) -> tuple[str, list[
     return f"SELECT r.id {where} ORDER BY {', '.join(order)}", params
 
 
-def count_sql(query: SearchQuery) -> tuple[str, list[Any]]:
-    where, params = _where(query)
+def count_sql(query: SearchQuery, *, key_chars: int | None) -> tuple[str, list[Any]]:
+    where, params = _where(query, key_chars)
     return f"SELECT COUNT(*) {where}", params

@@ -32,7 +32,7 @@ from psycopg_pool import AsyncConnectionPool
 from adapter.errors import InputError
 from adapter.search.query import SearchQuery
 from adapter.store._housekeeping import Housekeeping
-from adapter.store._search_sql import INDEX_INSERT_COLUMNS, INDEX_SCHEMA
+from adapter.store._search_sql import INDEX_INSERT_COLUMNS, KEY_CHARS, index_key, index_schema, text_value_indexes
 from adapter.store.base import Resource, SearchResult
 from adapter.store.sql import _INDEX_TABLES, READ_SQL, Rows, SQLStore, Steps, _Batch, run_steps_async
 
@@ -68,6 +68,29 @@ CREATE INDEX IF NOT EXISTS history_by_type_time ON history (type, last_updated, 
 
 # Only one session at a time may run the CREATE ... IF NOT EXISTS statements (they race otherwise).
 _SCHEMA_LOCK = 0x5350_4648_4952  # "SPFHIR"
+
+#: Bump when the definition of an index changes: a database whose ``store_meta`` holds another
+#: (or none) gets the indexes of :func:`adapter.store._search_sql.text_value_indexes` dropped and
+#: created again at start-up (:func:`_replace_stale_indexes`); the rows stay as they are.
+INDEX_DEFINITIONS = "2"  # 2: token codes and strings indexed by their first KEY_CHARS characters (#3)
+
+
+def _replace_stale_indexes(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    """Inside the schema transaction: give a database created with other index definitions
+    (before 2, whole token codes and strings, which PostgreSQL could not index beyond about
+    2,700 bytes) the current ones, once."""
+    row = conn.execute("SELECT value FROM store_meta WHERE key = 'index_definitions'").fetchone()
+    if row is not None and row[0] == INDEX_DEFINITIONS:
+        return
+    for name, create in text_value_indexes(KEY_CHARS).items():
+        conn.execute(f"DROP INDEX IF EXISTS {name}")
+        conn.execute(create)
+    conn.execute(
+        "INSERT INTO store_meta (key, value) VALUES ('index_definitions', %s)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (INDEX_DEFINITIONS,),
+    )
+
 
 #: Versions written between two looks at whether the planner statistics are stale.
 _STATISTICS_CHECK_EVERY = 500
@@ -173,6 +196,7 @@ class PostgresStore(SQLStore):
     """
 
     tiebreak = "seq"
+    key_chars = KEY_CHARS
     current_sql = "SELECT version, deleted, json FROM resources WHERE type = ? AND id = ? FOR UPDATE"
     row_lock = " FOR UPDATE"
 
@@ -217,7 +241,8 @@ class PostgresStore(SQLStore):
         def setup() -> None:
             conn.execute(f"SET lock_timeout = {self._lock_timeout_ms}")
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            conn.execute(_SCHEMA + INDEX_SCHEMA)
+            conn.execute(_SCHEMA + index_schema(KEY_CHARS))
+            _replace_stale_indexes(conn)
 
         return self._adopt(conn, setup)  # type: ignore[no-any-return]
 
@@ -359,11 +384,12 @@ class PostgresStore(SQLStore):
         # One lookup of the (type, param, code) index per code, whatever the planner believes: on
         # a table filled since its last ANALYZE it takes (type, param) as selective enough and
         # filters every row of the parameter for the codes of an IN list. OFFSET 0 keeps the
-        # LATERAL subquery from being flattened into such a join.
+        # LATERAL subquery from being flattened into such a join. The index holds the codes' keys.
         return self._execute(
             "SELECT t.code, t.system, t.id FROM unnest(?::text[]) AS v(code) CROSS JOIN LATERAL ("
             " SELECT s.code, s.system, s.id FROM sp_token s JOIN resources r ON r.type = s.type AND r.id = s.id"
-            " WHERE s.type = ? AND s.param = ? AND s.code = v.code AND NOT r.deleted OFFSET 0) AS t",
+            f" WHERE s.type = ? AND s.param = ? AND {index_key('s.code', KEY_CHARS)} = left(v.code, {KEY_CHARS})"
+            " AND s.code = v.code AND NOT r.deleted OFFSET 0) AS t",
             [codes, type, param],
         )
 

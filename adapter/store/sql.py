@@ -360,6 +360,9 @@ class SQLStore:
     current_sql = "SELECT version, deleted, json FROM resources WHERE type = ? AND id = ?"
     #: What ends a SELECT of current rows to take the dialect's row locks (as :attr:`current_sql` does).
     row_lock = ""
+    #: What the value indexes of token codes and strings hold: None for whole values, or so many
+    #: characters of them (:func:`adapter.store._search_sql.index_key`).
+    key_chars: int | None = None
     #: Writing a version: (type, id, version, last_updated, deleted, json) into both tables.
     put_resource_sql = """
         INSERT INTO resources (type, id, version, last_updated, deleted, json) VALUES (?, ?, ?, ?, ?, ?)
@@ -683,12 +686,12 @@ class SQLStore:
 
     def _search(self, query: SearchQuery) -> SearchResult:
         if query.summary_count:
-            sql, params = count_sql(query)
+            sql, params = count_sql(query, key_chars=self.key_chars)
             return SearchResult(query, int(self._execute(sql, params)[0][0]), [], [])
         found = run_steps(self._one_page(query), self._execute)
         if found is not None:
             return found
-        sql, params = search_sql(query)
+        sql, params = search_sql(query, key_chars=self.key_chars)
         ids = [row[0] for row in self._execute(sql, params)]
         search_id = self._save_search(query, ids) if 0 < query.count < len(ids) else None
         return self._page(query, ids, 0, search_id)
@@ -698,7 +701,7 @@ class SQLStore:
         total); None when it does not fit (its result set must then be saved for paging)."""
         if query.count <= 0 or query.summary_count:
             return None
-        rows = yield search_sql(query, first_page=True)
+        rows = yield search_sql(query, key_chars=self.key_chars, first_page=True)
         total = int(rows[0][2]) if rows else 0
         if total > query.count:
             return None
@@ -786,7 +789,7 @@ class SQLStore:
 
     def _match(self, query: SearchQuery) -> list[str]:
         """Up to two ids that meet a condition: enough to tell none, one and several apart."""
-        sql, params = search_sql(query)
+        sql, params = search_sql(query, key_chars=self.key_chars)
         return [row[0] for row in self._execute(sql + " LIMIT 2", params)]
 
     # -- writes ----------------------------------------------------------------------------------

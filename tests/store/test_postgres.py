@@ -10,6 +10,7 @@ import asyncio
 import signal
 import time
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,8 @@ import psycopg
 from adapter.errors import InputError
 from adapter.search.query import parse_search
 from adapter.store import Conflict, Gone, NotFound, Operation, VersionConflict
-from adapter.store.postgres import PostgresStore
+from adapter.store._search_sql import KEY_CHARS
+from adapter.store.postgres import INDEX_DEFINITIONS, PostgresStore
 from adapter.store.sql import Steps
 from tests.store import killed_writer
 
@@ -287,20 +289,84 @@ async def test_a_bulk_write_leaves_the_planner_statistics_up_to_date(postgres_ds
 
 
 async def test_a_write_the_database_refuses_fails_alone_among_writes_committed_together(postgres_dsn: str) -> None:
-    """PostgreSQL refuses a name too long for its B-tree index of names; the creates committed
-    together with it are written one by one after the shared transaction fails, and only it fails."""
+    """PostgreSQL refuses one name (a CHECK constraint another session puts on the string index
+    for the test); the creates committed together with it are written one by one after the shared
+    transaction fails, and only it fails."""
     async with PostgresStore(postgres_dsn) as store:
-        busy = asyncio.ensure_future(store._run(time.sleep, 0.2))  # the creates queue up behind it
-        await asyncio.sleep(0.01)
-        outcomes = await asyncio.gather(
-            *(store.create({"resourceType": "Patient", "name": [{"family": f"Good{n}"}]}) for n in range(5)),
-            store.create({"resourceType": "Patient", "name": [{"family": "".join(map(str, range(3000)))}]}),
-            busy,
-            return_exceptions=True,
-        )
+        with psycopg.connect(postgres_dsn, autocommit=True) as other:
+            other.execute("ALTER TABLE sp_string ADD CONSTRAINT refuse_one_name CHECK (exact <> 'Refused')")
+            try:
+                busy = asyncio.ensure_future(store._run(time.sleep, 0.2))  # the creates queue up behind it
+                await asyncio.sleep(0.01)
+                outcomes = await asyncio.gather(
+                    *(store.create({"resourceType": "Patient", "name": [{"family": f"Good{n}"}]}) for n in range(5)),
+                    store.create({"resourceType": "Patient", "name": [{"family": "Refused"}]}),
+                    busy,
+                    return_exceptions=True,
+                )
+            finally:
+                other.execute("ALTER TABLE sp_string DROP CONSTRAINT refuse_one_name")
         assert all(isinstance(outcome, dict) for outcome in outcomes[:5]), outcomes
-        assert isinstance(outcomes[5], psycopg.Error), outcomes[5]
+        assert isinstance(outcomes[5], psycopg.errors.CheckViolation), outcomes[5]
         assert len(await store.history("Patient")) == 5
+        # Without the constraint the same create is written.
+        assert (await store.create({"resourceType": "Patient", "name": [{"family": "Refused"}]}))["meta"]
+        assert len(await store.history("Patient")) == 6
+
+
+async def test_a_database_with_whole_value_indexes_gets_bounded_ones_once_at_start_up(postgres_dsn: str) -> None:
+    """A database created before index definitions 2 indexes whole token codes and strings, which
+    PostgreSQL cannot do beyond about 2,700 bytes: opening it replaces those two indexes (once)
+    and leaves the index rows as they are."""
+    names = ("sp_token_value", "sp_string_value")
+    long = "".join(map(str, range(3000)))  # 10,890 characters that do not compress to 2,700 bytes
+
+    def indexes(raw: psycopg.Connection[tuple[Any, ...]]) -> dict[str, tuple[int, str]]:
+        rows = raw.execute(
+            "SELECT c.relname, c.oid, pg_get_indexdef(c.oid) FROM pg_class c WHERE c.relname = ANY(%s)", (list(names),)
+        ).fetchall()
+        return {str(name): (int(oid), str(definition)) for name, oid, definition in rows}
+
+    async with PostgresStore(postgres_dsn) as store:
+        older = await store.create(
+            {"resourceType": "Patient", "name": [{"family": "Older"}], "identifier": [{"value": "o1"}]}
+        )
+    with psycopg.connect(postgres_dsn, autocommit=True) as raw:
+        for name, (table, column) in zip(names, [("sp_token", "code"), ("sp_string", "norm")], strict=True):
+            raw.execute(f"DROP INDEX {name}")
+            raw.execute(f"CREATE INDEX {name} ON {table} (type, param, {column})")
+        raw.execute("DELETE FROM store_meta WHERE key = 'index_definitions'")
+        rows = raw.execute("SELECT ctid FROM sp_string UNION ALL SELECT ctid FROM sp_token ORDER BY 1").fetchall()
+
+    async with PostgresStore(postgres_dsn) as store:
+        assert [r["id"] for r in (await store.search(parse_search("Patient", [("family", "old")]))).resources] == [
+            older["id"]
+        ]
+        made = await store.create(
+            {"resourceType": "Patient", "name": [{"family": long}], "identifier": [{"value": long}]}
+        )
+        assert [r["id"] for r in (await store.search(parse_search("Patient", [("identifier", long)]))).resources] == [
+            made["id"]
+        ]
+    with psycopg.connect(postgres_dsn, autocommit=True) as raw:
+        replaced = indexes(raw)
+        assert f'"left"(code, {KEY_CHARS}) COLLATE "C"' in replaced["sp_token_value"][1]
+        assert f'"left"(norm, {KEY_CHARS}) COLLATE "C"' in replaced["sp_string_value"][1]
+        assert raw.execute("SELECT value FROM store_meta WHERE key = 'index_definitions'").fetchone() == (
+            INDEX_DEFINITIONS,
+        )
+        # The rows written before are where they were: not reindexed.
+        assert (
+            raw.execute(
+                "SELECT ctid FROM sp_string WHERE id = %s UNION ALL SELECT ctid FROM sp_token WHERE id = %s ORDER BY 1",
+                (older["id"], older["id"]),
+            ).fetchall()
+            == rows
+        )
+    async with PostgresStore(postgres_dsn) as store:
+        await store.read("Patient", made["id"])
+    with psycopg.connect(postgres_dsn, autocommit=True) as raw:
+        assert indexes(raw) == replaced  # the same indexes: not dropped and created again
 
 
 async def test_a_string_with_u0000_is_refused_with_its_path(postgres_dsn: str) -> None:

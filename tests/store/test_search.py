@@ -8,13 +8,16 @@ The fixture's clock moves one second per write call from 2026-11-23T12:00:00.123
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
+from adapter.errors import AdapterError
 from adapter.search.query import parse_search
-from adapter.store import Gone, Operation, ResourceStore, VersionConflict
+from adapter.store import Gone, Operation, OperationResult, ResourceStore, VersionConflict
+from adapter.store._search_sql import KEY_CHARS
 
 pytestmark = pytest.mark.anyio
 
@@ -322,3 +325,94 @@ async def test_a_transaction_rewrites_full_url_references_to_the_ids_it_assigns(
     stored = await store.read("ServiceRequest", results[0].id)
     assert stored["subject"] == {"reference": f"Patient/{patient_id}"}
     assert await ids(store, "ServiceRequest", ("patient.identifier", "9990000093")) == [results[0].id]
+
+
+def noise(seed: str, length: int, wide: bool = False) -> str:
+    """``length`` characters that do not compress (hex digits of chained SHA-256, or with ``wide``
+    CJK ideographs of four bytes each in UTF-8), so that PostgreSQL cannot squeeze them into an
+    index row either; search leaves both unchanged when it normalises."""
+    digest, text = seed.encode(), ""
+    while len(text) < length:
+        digest = hashlib.sha256(digest).digest()
+        text += "".join(chr(0x20000 + byte * 97) for byte in digest) if wide else digest.hex()
+    return text[:length]
+
+
+#: Longer than what PostgreSQL's indexes hold of a value: values that differ only after it share
+#: their index key, and only the whole value tells them apart.
+SHARED = noise("shared", KEY_CHARS // 2, wide=True) + noise("shared", KEY_CHARS)
+LONG_A = SHARED + noise("a", 5000 - len(SHARED))
+LONG_B = SHARED + noise("b", 5000 - len(SHARED))
+
+
+async def test_a_5000_character_name_is_stored_and_found_whole_or_by_its_start(store: ResourceStore) -> None:
+    """Regression (#3): PostgreSQL refused a name longer than its B-tree index allows (a 500)."""
+    a = await store.create(person("9990000018", LONG_A, "Ann", "1950"))
+    assert await store.read("Patient", a["id"]) == a
+    assert await ids(store, "Patient", ("family", LONG_A)) == [a["id"]]
+    assert await ids(store, "Patient", ("family", LONG_A[:100])) == [a["id"]]
+    assert await ids(store, "Patient", ("family", LONG_A[: KEY_CHARS + 100])) == [a["id"]]
+    assert await ids(store, "Patient", ("family:exact", LONG_A)) == [a["id"]]
+    assert await ids(store, "Patient", ("family:contains", LONG_A[4000:4100])) == [a["id"]]
+    # Another long name with the same first KEY_CHARS (and more) characters is another name.
+    assert await ids(store, "Patient", ("family", LONG_B)) == []
+    assert await ids(store, "Patient", ("family", SHARED + LONG_B[len(SHARED)])) == []
+    assert await ids(store, "Patient", ("family:exact", LONG_B)) == []
+    b = await store.create(person("9990000026", LONG_B, "Bea", "1960"))
+    assert await ids(store, "Patient", ("family", LONG_B)) == [b["id"]]
+    assert await ids(store, "Patient", ("family", LONG_A[:KEY_CHARS])) == [a["id"], b["id"]]
+    assert await ids(store, "Patient", ("family", SHARED)) == [a["id"], b["id"]]
+    assert await ids(store, "Patient", ("family", SHARED + LONG_A[len(SHARED)])) == [a["id"]]
+
+
+async def test_a_long_identifier_and_uri_are_stored_and_found_by_token(store: ResourceStore) -> None:
+    a = await store.create(person(LONG_A, "Long", "Ann", "1950"))
+    assert await ids(store, "Patient", ("identifier", LONG_A)) == [a["id"]]
+    assert await ids(store, "Patient", ("identifier", f"{NHS}|{LONG_A}")) == [a["id"]]
+    assert await ids(store, "Patient", ("identifier", LONG_B)) == []
+    assert await ids(store, "Patient", ("identifier", LONG_A[:KEY_CHARS])) == []  # a token is matched whole
+    url = "https://example.org/fhir/ValueSet/" + LONG_A
+    value_set = await store.create({"resourceType": "ValueSet", "status": "active", "url": url})
+    assert await ids(store, "ValueSet", ("url", url)) == [value_set["id"]]
+    assert await ids(store, "ValueSet", ("url", "https://example.org/fhir/ValueSet/" + LONG_B)) == []
+    # A reference that is no Type/id is matched by its whole text (not held by any index).
+    reference = "https://example.org/fhir/Patient/" + LONG_A
+    observation = await store.create(score("x", "40", "2026-01-12") | {"subject": {"reference": reference}})
+    assert await ids(store, "Observation", ("subject", reference)) == [observation["id"]]
+    assert await ids(store, "Observation", ("subject", "https://example.org/fhir/Patient/" + LONG_B)) == []
+
+
+async def test_conditional_creates_on_a_long_identifier_tell_values_with_one_start_apart(store: ResourceStore) -> None:
+    """$ingest's window of conditional creates reads its conditions in one statement per parameter."""
+
+    def create(value: str, family: str) -> list[Operation]:
+        condition = parse_search("Patient", [("identifier", f"{NHS}|{value}")])
+        return [Operation.create(person(value, family, "G", "2000"), if_none_exist=condition)]
+
+    def only(group: list[OperationResult] | AdapterError) -> OperationResult:
+        assert isinstance(group, list), group
+        return group[0]
+
+    [a] = map(only, await store.transactions([create(LONG_A, "First")]))
+    [b] = map(only, await store.transactions([create(LONG_B, "Other")]))  # LONG_A is another value
+    again_a, again_b = map(only, await store.transactions([create(LONG_A, "Again"), create(LONG_B, "Again")]))
+    assert a.created and b.created and a.id != b.id
+    assert (again_a.matched, again_a.id) == (True, a.id)
+    assert (again_b.matched, again_b.id) == (True, b.id)
+    [single] = await store.transaction(create(LONG_B, "Single"))
+    assert (single.matched, single.id) == (True, b.id)
+
+
+async def test_a_prefix_ending_in_the_last_code_points_finds_only_its_names(store: ResourceStore) -> None:
+    """A prefix search is a range on PostgreSQL: up to the next code point after the prefix's last
+    (U+D7FF is followed by U+E000, past the surrogates), or past U+10FFFF to the one before it."""
+    hangul = await store.create(person("9990000018", "x\ud7ffa", "A", "1950"))
+    private = await store.create(person("9990000026", "x\ue000a", "B", "1950"))
+    last = await store.create(person("9990000034", "x\U0010ffffa", "C", "1950"))
+    after = await store.create(person("9990000042", "y", "D", "1950"))
+    assert await ids(store, "Patient", ("family", "x\ud7ff")) == [hangul["id"]]
+    assert await ids(store, "Patient", ("family", "x\ue000")) == [private["id"]]
+    assert await ids(store, "Patient", ("family", "x\U0010ffff")) == [last["id"]]
+    assert await ids(store, "Patient", ("family", "x")) == [hangul["id"], private["id"], last["id"]]
+    assert len(await ids(store, "Patient", ("family", ""))) == 4
+    assert await ids(store, "Patient", ("family", "y")) == [after["id"]]
