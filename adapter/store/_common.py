@@ -7,7 +7,7 @@ which differs between the two only in its tie-breaking column.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -102,22 +102,31 @@ def history_entries(rows: Sequence[Sequence[Any]]) -> list[HistoryEntry]:
 def rewrite_references(value: Any, mapping: dict[str, str]) -> Any:
     """``value`` with every ``reference`` that is a key of ``mapping`` replaced by its value: how a
     transaction turns ``urn:uuid:`` fullUrls into the ``Type/id`` of what it created
-    (https://hl7.org/fhir/R4/http.html#trules). Returns ``value`` itself when nothing changes."""
+    (https://hl7.org/fhir/R4/http.html#trules). Returns ``value`` itself when nothing changes, and
+    copies only the objects and arrays on the way to a changed reference."""
     if isinstance(value, dict):
-        changed: dict[str, Any] | None = None
-        for key, item in value.items():
-            if key == "reference" and isinstance(item, str) and item in mapping:
-                new: Any = mapping[item]
-            elif isinstance(item, dict | list):
-                new = rewrite_references(item, mapping)
-            else:
-                continue
-            if new is not item:
-                if changed is None:
-                    changed = dict(value)
-                changed[key] = new
-        return value if changed is None else changed
+        return _rewritten(value, value.items(), mapping)
     if isinstance(value, list):
-        items = [rewrite_references(item, mapping) for item in value]
-        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+        return _rewritten(value, enumerate(value), mapping)
     return value
+
+
+def _rewritten(value: Any, members: Iterable[tuple[Any, Any]], mapping: dict[str, str]) -> Any:
+    """:func:`rewrite_references` of an object (``members`` its items) or array (its enumerate)."""
+    changed: Any = None
+    for key, item in members:
+        if isinstance(item, str):  # most values: only an object's "reference" can change
+            if key != "reference" or item not in mapping:
+                continue
+            new: Any = mapping[item]
+        elif isinstance(item, dict):
+            new = _rewritten(item, item.items(), mapping)
+        elif isinstance(item, list):
+            new = _rewritten(item, enumerate(item), mapping)
+        else:
+            continue
+        if new is not item:
+            if changed is None:
+                changed = value.copy()
+            changed[key] = new
+    return value if changed is None else changed

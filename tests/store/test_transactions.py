@@ -176,3 +176,32 @@ async def test_a_system_that_is_not_text_is_left_to_the_database(store: Resource
     assert summary(outcomes[1]) == [("Patient", "n2", "1", True, False)]
     # Both are stored with the system "5": the condition matches two.
     assert isinstance(outcomes[2], VersionConflict)
+
+
+def test_rewriting_references_copies_only_the_way_to_what_changes() -> None:
+    """A transaction's fullUrl references become Type/id wherever they are (nested in arrays and
+    extensions); the input is left as it was, and what does not change is shared, not copied."""
+    from adapter.store._common import rewrite_references
+
+    mapping = {"urn:uuid:a": "Patient/1", "urn:uuid:b": "Practitioner/2"}
+    untouched = {"coding": [{"system": "s", "code": "urn:uuid:a"}]}  # a code, not a reference
+    resource = {
+        "resourceType": "Observation",
+        "code": untouched,
+        "subject": {"reference": "urn:uuid:a"},
+        "performer": [{"reference": "Organization/3"}, {"reference": "urn:uuid:b", "display": "Dr B"}],
+        "extension": [{"url": "u", "valueReference": {"reference": "urn:uuid:b"}}],
+        "note": [[{"reference": "urn:uuid:a"}]],  # not FHIR, but any JSON is walked
+        "status": "final",
+    }
+    before = repr(resource)
+    out = rewrite_references(resource, mapping)
+    assert repr(resource) == before
+    assert out["subject"] == {"reference": "Patient/1"}
+    assert out["performer"] == [{"reference": "Organization/3"}, {"reference": "Practitioner/2", "display": "Dr B"}]
+    assert out["performer"][0] is resource["performer"][0]
+    assert out["extension"][0]["valueReference"] == {"reference": "Practitioner/2"}
+    assert out["note"] == [[{"reference": "Patient/1"}]]
+    assert out["code"] is untouched and out["status"] == "final"
+    unchanged = {"resourceType": "Patient", "link": [{"other": {"reference": "Patient/9"}}]}
+    assert rewrite_references(unchanged, mapping) is unchanged
