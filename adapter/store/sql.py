@@ -114,17 +114,6 @@ def _in_lists(values: Sequence[str]) -> Iterator[tuple[list[str], str]]:
         yield chunk, ", ".join("?" * len(chunk))
 
 
-@contextmanager
-def _blame(index: int) -> Iterator[None]:
-    """Mark an error of a transaction with the index of the operation that raised it."""
-    try:
-        yield
-    except AdapterError as exc:
-        if exc.operation is None:
-            exc.operation = index
-        raise
-
-
 #: The current version of one resource as planning sees it: (version, deleted, json).
 Current = tuple[int, bool, str | None]
 
@@ -881,16 +870,25 @@ class SQLStore:
         """Plan ``operations`` and gather what they write in ``batch``; raises the first error."""
         seen: set[tuple[str, str]] = set()
         plans: list[_Plan] = []
-        for index, operation in enumerate(operations):
-            with _blame(index):
-                plans.append(self._plan(operation, seen, lookups))
-        mapping = {
-            plan.operation.full_url: f"{plan.operation.type}/{plan.id}" for plan in plans if plan.operation.full_url
-        }
         results: list[OperationResult] = []
-        for index, plan in enumerate(plans):
-            with _blame(index):
+        index = 0
+        try:
+            for operation in operations:
+                plans.append(self._plan(operation, seen, lookups))
+                index += 1
+            mapping = {
+                plan.operation.full_url: f"{plan.operation.type}/{plan.id}" for plan in plans if plan.operation.full_url
+            }
+            index = 0
+            for plan in plans:
                 results.append(self._apply(plan, now, mapping, batch))
+                index += 1
+        except AdapterError as exc:
+            # Marked with the index of the operation that raised it (one try for all: a context
+            # manager per operation cost a few microseconds each in $ingest's windows).
+            if exc.operation is None:
+                exc.operation = index
+            raise
         return results
 
     def _current(self, type: str, id: str) -> Current | None:

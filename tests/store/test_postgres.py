@@ -378,6 +378,20 @@ async def test_a_string_with_u0000_is_refused_with_its_path(postgres_dsn: str) -
         assert await store.history("Patient") == []
 
 
+async def test_a_transaction_names_the_operation_whose_resource_cannot_be_stored(postgres_dsn: str) -> None:
+    """An error raised while writing (not planning) an operation carries that operation's index."""
+    async with PostgresStore(postgres_dsn) as store:
+        operations = [
+            Operation.create({"resourceType": "Patient", "name": [{"family": "Ann"}]}),
+            Operation.create({"resourceType": "Patient", "name": [{"family": "Bea"}]}),
+            Operation.create({"resourceType": "Patient", "name": [{"family": "C\u0000"}]}),
+        ]
+        with pytest.raises(InputError) as error:
+            await store.transaction(operations)
+        assert error.value.operation == 2 and error.value.expression == "Patient.name[0].family"
+        assert await store.history("Patient") == []
+
+
 async def test_writes_whose_callers_gave_up_are_not_written(postgres_dsn: str) -> None:
     """Two updates committed together wait for another session's lock; both callers are
     cancelled, which interrupts the transaction: neither is written afterwards."""
