@@ -28,6 +28,7 @@ import io
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -42,6 +43,7 @@ from adapter.mapping.engine import MappedRecord, Mapper, references_to_ids
 from adapter.mapping.run import Batches, MappingPool, Summary, can_cross, decode, provenance
 from adapter.mapping.sources import RawRecord, read_records
 from adapter.mapping.spec import MappingSpec, SourceFormat, load
+from adapter.search.query import SearchQuery, parse_token_condition
 from adapter.store import Operation, OperationResult, ResourceStore
 from adapter.validation import Validator
 
@@ -75,12 +77,18 @@ _IN_PROCESS_BELOW = 2 * _CHUNK
 _log = logging.getLogger("adapter.api")
 
 
+def _condition(type: str, text: str) -> SearchQuery:
+    """A resource's If-None-Exist as a search: token criteria on business identifiers (what the
+    mappings write) the short way, anything else as any conditional create's (the same query)."""
+    return parse_token_condition(type, text) or condition(type, text, "ifNoneExist")
+
+
 def _operations(record: MappedRecord) -> list[Operation]:
     operations = []
     for item in record.resources:
         resource = item.resource
         type, id = resource["resourceType"], resource["id"]
-        if_none_exist = condition(type, item.if_none_exist, "ifNoneExist") if item.if_none_exist else None
+        if_none_exist = _condition(type, item.if_none_exist) if item.if_none_exist else None
         operations.append(Operation.create(resource, id=id, if_none_exist=if_none_exist, full_url=f"urn:uuid:{id}"))
     return operations
 
@@ -107,21 +115,26 @@ async def _map(
         await take(await anyio.to_thread.run_sync(_map_here, spec, raws, validator))
         return
     chunks = [raws[start : start + _CHUNK] for start in range(0, len(raws), _CHUNK)]
-    pending: deque[asyncio.Future[bytes]] = deque()
+    # Each chunk's future with the pool it was sent to: another request may have replaced a broken
+    # pool since, and only the one that failed is to be discarded.
+    pending: deque[tuple[Executor | None, asyncio.Future[bytes]]] = deque()
     try:
         for taken in range(len(chunks)):
+            sent_to: Executor | None = None  # None: submit failed, and discarded its pool itself
             try:
                 while taken + len(pending) < len(chunks) and len(pending) < pool.processes * _AHEAD:
-                    pending.append(asyncio.wrap_future(pool.submit(spec.name, chunks[taken + len(pending)])))
-                records = await anyio.to_thread.run_sync(decode, await pending.popleft())
+                    sent = pool.submit(spec.name, chunks[taken + len(pending)])
+                    pending.append((pool.executor, asyncio.wrap_future(sent)))
+                sent_to, head = pending.popleft()
+                records = await anyio.to_thread.run_sync(decode, await head)
             except Exception as exc:
                 # A worker died (BrokenProcessPool) or raised: the records not yet taken are mapped
                 # here, so none is lost or stored twice; an error of the records themselves is
                 # then raised here as it would have been without workers.
                 _log.warning("$ingest: a worker failed (%s: %s), mapping in this process", type(exc).__name__, exc)
                 if isinstance(exc, BrokenProcessPool):
-                    pool.discard()
-                for future in pending:
+                    pool.discard(sent_to)
+                for _, future in pending:
                     future.cancel()
                 pending.clear()
                 rest = [raw for chunk in chunks[taken:] for raw in chunk]
@@ -129,7 +142,7 @@ async def _map(
                 return
             await take(records)
     finally:
-        for future in pending:
+        for _, future in pending:
             future.cancel()
 
 

@@ -22,7 +22,8 @@ import pickle
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -266,8 +267,8 @@ class MappingPool:
     threads the caller runs; ``fork`` would copy the server's threads' locks mid-use), each loading
     the bundled profiles once, with ``defaults`` (type -> profile URLs) for resources that declare
     none, and a mapper per mapping on its first chunk; ``nice`` lowers their priority (``os.nice``).
-    After a worker dies, :meth:`discard` drops the broken pool; the next :meth:`submit` starts a new
-    one. :meth:`close` stops the processes.
+    After a worker dies, :meth:`discard` of the broken pool (:attr:`executor` when the failed work
+    was sent) drops it; the next :meth:`submit` starts a new one. :meth:`close` stops the processes.
     """
 
     def __init__(self, processes: int, defaults: dict[str, list[str]] | None = None, *, nice: int = 0) -> None:
@@ -276,23 +277,39 @@ class MappingPool:
         self._nice = nice
         self._executor: ProcessPoolExecutor | None = None
 
+    @property
+    def executor(self) -> Executor | None:
+        """The pool :meth:`submit` sends work to now (None before the first, and after a discard):
+        what to :meth:`discard` when work sent now fails."""
+        return self._executor
+
     def submit(self, name: str, raws: Iterable[RawRecord]) -> Future[bytes]:
-        """Map ``raws`` with the mapping ``name``; the future's result is for :func:`decode`."""
-        if self._executor is None:
-            self._executor = ProcessPoolExecutor(
+        """Map ``raws`` with the mapping ``name``; the future's result is for :func:`decode`.
+        Raises BrokenProcessPool when the pool has broken (and discards it)."""
+        executor = self._executor
+        if executor is None:
+            executor = self._executor = ProcessPoolExecutor(
                 self.processes,
                 mp_context=multiprocessing.get_context("forkserver"),
                 initializer=_start_worker,
                 initargs=(self._defaults, self._nice),
             )
         plain = [(raw.number, raw.data, raw.extra, raw.error) for raw in raws]
-        return self._executor.submit(_map_chunk, name, plain)
+        try:
+            return executor.submit(_map_chunk, name, plain)
+        except BrokenProcessPool:
+            self.discard(executor)
+            raise
 
-    def discard(self) -> None:
-        """Forget a broken pool (a worker died): its futures have failed already."""
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+    def discard(self, broken: Executor | None) -> None:
+        """Forget ``broken``, a pool whose worker died (its futures have failed already), unless it
+        was replaced already: requests learn of a dead worker each from their own futures, and the
+        last to learn must not stop the new pool that another has started since (#5)."""
+        executor = self._executor
+        if executor is None or broken is not executor:
+            return
+        self._executor = None
+        executor.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Stop the worker processes, dropping the work not started."""

@@ -21,7 +21,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from functools import cache
 from typing import Literal
+from urllib.parse import unquote
 
 from adapter.errors import InputError
 from adapter.search.index import date_range, normalise, parse_reference
@@ -39,6 +41,7 @@ __all__ = [
     "StringValue",
     "TokenValue",
     "parse_search",
+    "parse_token_condition",
     "split_values",
     "unescape",
 ]
@@ -413,3 +416,44 @@ def parse_search(type: str, pairs: list[tuple[str, str]], *, strict: bool = Fals
         warnings=tuple(warnings),
         pairs=tuple(pairs),
     )
+
+
+@cache
+def _plain_tokens(type: str) -> dict[str, SearchParam]:
+    """The supported token parameters of ``type`` that :func:`parse_token_condition` takes (not
+    ``_id``, whose value is not split on ``|``, nor the other ``_`` ones)."""
+    return {
+        code: param
+        for code, param in parameters_for(type).items()
+        if param.type == "token" and param.supported and not code.startswith("_")
+    }
+
+
+def parse_token_condition(type: str, text: str) -> SearchQuery | None:
+    """What a conditional create's criteria ``text`` (``identifier=system|code``, or several joined
+    by ``&``) parse to, as ``adapter.api.context.condition`` parses them (the query string decoded,
+    then :func:`parse_search`, strict), when every criterion is a token parameter of ``type``
+    without modifier, chain, comma, backslash or leading ``_``; None for anything else, which then
+    goes that full way (and fails there when it should).
+
+    The conditions of ``$ingest`` are all of this form: this makes the same query in about half
+    the time (most of what is left is building the query's objects) (#5)."""
+    if not text or "?" in text:
+        return None
+    parameters = _plain_tokens(type)
+    criteria: list[Criterion] = []
+    pairs: list[tuple[str, str]] = []
+    for part in text.split("&"):
+        name, equals, raw = part.partition("=")
+        param = parameters.get(name)
+        if param is None or not equals:
+            return None
+        # As urllib.parse.parse_qsl decodes a value: "+" is a space, then %XX.
+        value = unquote(raw.replace("+", " ")) if "%" in raw or "+" in raw else raw
+        if "\\" in value or "," in value:
+            return None
+        system, bar, code = value.partition("|")
+        token = TokenValue(system, code or None) if bar else TokenValue(None, value)
+        criteria.append(Criterion(type, param, None, (token,)))
+        pairs.append((name, value))
+    return SearchQuery(type=type, criteria=tuple(criteria), pairs=tuple(pairs))

@@ -8,6 +8,7 @@ import os
 import signal
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -402,5 +403,32 @@ async def test_a_worker_killed_half_way_loses_nothing_and_stores_nothing_twice(
         # The broken pool was dropped: the next request starts a new worker.
         pool.after = 0
         assert pool.submit("sp-referral", []).result(timeout=60)
+    finally:
+        pool.close()
+
+
+def test_a_late_discard_of_a_broken_pool_leaves_the_new_one_running() -> None:
+    """Two requests learn that a worker died, each from its own futures: the first discards the
+    broken pool and the next submit starts a new one; the second, learning late, names the broken
+    pool and must not stop the new one (#5)."""
+    pool = MappingPool(1)
+    try:
+        assert pool.submit("sp-outcomes", []).result(timeout=60) is not None
+        broken = pool.executor
+        assert broken is not None
+        for process in list(broken._processes.values()):  # type: ignore[attr-defined]
+            os.kill(process.pid, signal.SIGKILL)
+        with pytest.raises(BrokenProcessPool):
+            pool.submit("sp-outcomes", []).result(timeout=60)
+        pool.discard(broken)  # the first request (or submit itself, finding the pool broken)
+        assert pool.executor is None
+        working = pool.submit("sp-outcomes", [])  # another request starts a new pool
+        fresh = pool.executor
+        assert fresh is not None and fresh is not broken
+        pool.discard(broken)  # the late one
+        pool.discard(None)
+        assert pool.executor is fresh
+        assert working.result(timeout=60) is not None
+        assert pool.submit("sp-outcomes", []).result(timeout=60) is not None and pool.executor is fresh
     finally:
         pool.close()

@@ -6,9 +6,20 @@ import unicodedata
 
 import pytest
 
+from adapter.api.context import condition
 from adapter.errors import InputError
 from adapter.search.index import date_range, index_values, normalise
-from adapter.search.query import MAX_COUNT, DateValue, NumberValue, TokenValue, parse_search, split_values, unescape
+from adapter.search.query import (
+    MAX_COUNT,
+    DateValue,
+    NumberValue,
+    SearchQuery,
+    TokenValue,
+    parse_search,
+    parse_token_condition,
+    split_values,
+    unescape,
+)
 
 
 def test_commas_split_values_unless_escaped() -> None:
@@ -24,6 +35,107 @@ def test_token_forms() -> None:
         TokenValue(None, "3"),
         TokenValue("a|b", "c"),
     )
+
+
+NHS = "https://fhir.nhs.uk/Id/nhs-number"
+
+#: Conditions that parse_token_condition takes: business identifiers as the mappings write them
+#: (percent-encoded as mappings.identity encodes them), and the token forms around them.
+SHORT_WAY = [
+    ("Patient", f"identifier={NHS}|9990000018"),
+    ("Task", "identifier=https://sp-fhir-adapter.org/fhir/Id/referral-id|REF-0002579%2Ftask"),
+    ("Practitioner", "identifier=https://sp-fhir-adapter.org/fhir/Id/referrer|B81033%2FDr%20Referrer%2039"),
+    ("Patient", "identifier=|9990000018"),  # no system
+    ("Patient", f"identifier={NHS}|"),  # any code of the system
+    ("Patient", "identifier=9990000018"),  # any system
+    ("Patient", "identifier="),
+    ("Patient", "identifier=|"),
+    ("Patient", "identifier=a|b|c"),  # split on the first bar
+    ("Patient", "identifier=sys|a+b"),  # + is a space in a query string
+    ("Patient", "identifier=sys%7Ccode"),  # an encoded bar is a bar once decoded
+    ("Patient", "identifier=sys|%C3%A9t%C3%A9"),  # UTF-8
+    ("Patient", "identifier=sys|%zz%2"),  # not escapes: kept as written
+    ("Patient", "identifier=sys|%25"),
+    ("Patient", f"identifier={NHS}|1&identifier={NHS}|2"),  # ANDed
+    ("Patient", f"identifier={NHS}|1&gender=female"),
+    ("Observation", "code=http://loinc.org|1234-5&status=final"),
+    ("Organization", "identifier=https://fhir.nhs.uk/Id/ods-organization-code|B81001"),
+]
+
+#: Conditions it leaves to the full parser: escapes, commas, modifiers, chains, _ parameters,
+#: other parameter types, a type prefix, unknown parameters and malformed query strings.
+FULL_WAY = [
+    ("Patient", "identifier=sys\\|a|code"),
+    ("Patient", "identifier=sys|a\\,b"),
+    ("Patient", "identifier=sys|a\\$b"),
+    ("Patient", "identifier=sys|a\\\\b"),
+    ("Patient", "identifier=sys|a%5C%7Cb"),  # an encoded backslash
+    ("Patient", "identifier=a|1,b|2"),  # ORed
+    ("Patient", "identifier=sys|a%2Cb"),  # an encoded comma
+    ("Patient", "identifier:exact=x"),
+    ("Patient", "identifier:missing=true"),
+    ("Patient", "gender:missing=false"),
+    ("Patient", "gender:text=female"),
+    ("Patient", "name:exact=Smith"),
+    ("ServiceRequest", f"subject.identifier={NHS}|9990000018"),
+    ("ServiceRequest", f"patient.identifier={NHS}|9990000018"),
+    ("ServiceRequest", f"subject:Patient.identifier={NHS}|9990000018"),
+    ("Patient", "_id=abc"),
+    ("Patient", "_id=a,b"),
+    ("Patient", "_tag=http://example.org|x"),
+    ("Patient", f"_format=json&identifier={NHS}|1"),
+    ("Patient", f"Patient?identifier={NHS}|1"),
+    ("Patient", f"?identifier={NHS}|1"),
+    ("Patient", "ident%69fier=sys|1"),  # an encoded name
+    ("Patient", "name=Smith"),
+    ("Patient", "birthdate=2020"),
+    ("Patient", "general-practitioner=Practitioner/1"),
+    ("Patient", "identifier"),  # no =
+    ("Patient", f"identifier={NHS}|1&"),
+    ("Patient", f"&identifier={NHS}|1"),
+    ("Patient", "nonsense=1"),
+    ("Patient", f"identifier={NHS}|1&nonsense=1"),
+    ("Patient", "birthdate=tomorrow"),
+    ("Patient", ""),
+    ("Patient", "&"),
+    ("NotAType", "identifier=a|b"),
+]
+
+
+def _full_way(type: str, text: str) -> SearchQuery | str:
+    """What a conditional create's If-None-Exist parses to, or the message it is refused with."""
+    try:
+        return condition(type, text, "ifNoneExist")
+    except InputError as exc:
+        return exc.message
+
+
+@pytest.mark.parametrize(("type", "text"), SHORT_WAY)
+def test_token_conditions_parse_the_short_way_to_the_full_parsers_query(type: str, text: str) -> None:
+    short = parse_token_condition(type, text)
+    assert short is not None
+    assert short == _full_way(type, text)
+
+
+@pytest.mark.parametrize(("type", "text"), FULL_WAY)
+def test_other_conditions_go_the_full_way(type: str, text: str) -> None:
+    assert parse_token_condition(type, text) is None
+    _full_way(type, text)  # parses, or is refused with an InputError (not anything else)
+
+
+def test_the_short_way_gives_the_values_each_token_form_means() -> None:
+    def values(text: str) -> list[tuple[str | None, str | None]]:
+        query = parse_token_condition("Patient", text)
+        assert query is not None
+        return [(value.system, value.code) for criterion in query.criteria for value in criterion.values]
+
+    assert values(f"identifier={NHS}|1&identifier=|2&identifier=sys|&identifier=3") == [
+        (NHS, "1"),
+        ("", "2"),
+        ("sys", None),
+        (None, "3"),
+    ]
+    assert values("identifier=a%2Fb|c+d%20e") == [("a/b", "c d e")]
 
 
 def test_prefixes_and_partial_dates_become_ranges() -> None:
