@@ -39,7 +39,7 @@ from adapter.api.context import condition, services
 from adapter.api.negotiation import read_body, render, response_format
 from adapter.errors import AdapterError, InputError
 from adapter.mapping.base import MappedResource
-from adapter.mapping.engine import MappedRecord, Mapper, references_to_ids
+from adapter.mapping.engine import MappedRecord, Mapper
 from adapter.mapping.run import Batches, MappingPool, Summary, can_cross, decode, provenance
 from adapter.mapping.sources import RawRecord, read_records
 from adapter.mapping.spec import MappingSpec, SourceFormat, load
@@ -286,9 +286,8 @@ async def ingest(request: Request) -> Response:
     stored = storing.stored
     if stored:
         unique = list({item.resource["id"]: item for item in stored}.values())
-        trail = provenance(spec, f"$ingest?mapping={spec.name}", unique).resource
-        # The resources are stored under their deterministic ids: target them as Type/id.
-        trail = references_to_ids(trail, {item.resource["id"]: item.resource["resourceType"] for item in unique})
+        # The resources are stored under these ids (a matched create's is the resource's it matched).
+        trail = provenance(spec, f"$ingest?mapping={spec.name}", unique, stored=True).resource
         await found.store.transaction(
             [
                 Operation.create(

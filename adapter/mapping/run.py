@@ -126,21 +126,28 @@ class Batch:
 
 
 def provenance(
-    spec: MappingSpec, source: str, resources: Iterable[MappedResource], recorded: str | None = None
+    spec: MappingSpec,
+    source: str,
+    resources: Iterable[MappedResource],
+    recorded: str | None = None,
+    *,
+    stored: bool = False,
 ) -> MappedResource:
     """The Provenance of a mapping run for ``resources``: which mapping made them from which source.
 
     Its id is a uuid5 of the mapping and of the resources' ids, so mapping the same data again
     gives the same Provenance, written by id (``PUT``): a re-run adds no new Provenance, but a new
     version of it, whose ``recorded`` says when the batch was sent again. (``$ingest`` creates it
-    only when absent.)
+    only when absent.) Its targets are the resources' ``urn:uuid:`` fullUrls, or with ``stored``
+    (the resources are stored under these ids already) their ``Type/id``.
     """
     ids = hashlib.sha256()
     targets = []
     for item in resources:
         resource_id = item.resource["id"]
         ids.update(resource_id.encode())
-        targets.append({"reference": f"urn:uuid:{resource_id}"})
+        target = f"{item.resource['resourceType']}/{resource_id}" if stored else f"urn:uuid:{resource_id}"
+        targets.append({"reference": target})
     id = str(uuid.uuid5(NAMESPACE, f"Provenance?mapping={spec.name}&resources={ids.hexdigest()}"))
     resource = {
         "resourceType": "Provenance",
