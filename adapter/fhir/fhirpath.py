@@ -28,6 +28,8 @@ return True/False/None, so an invariant builds almost no lists. Common shapes ar
 string functions bind literal arguments (and regexes) at compile time, and inside a lambda a
 subexpression that depends only on %resource/%rootResource and literals (sdf-8's
 ``%resource.snapshot.element.first().path`` inside ``all()``) is computed once per resource.
+``Compiled.test`` then runs Python source generated from the Boolean compilation
+(:mod:`adapter.fhir.fhirpath_codegen`): the same work without a call per step, same results.
 
 Data model: resources are the parsed JSON (``adapter.fhir.json_format.loads``): dicts for
 resources and complex elements, ``str``/``bool``/``int``/``Decimal`` for primitive values. A
@@ -513,13 +515,29 @@ def _typed(item: Any, code: str, env: Env) -> Any:
 def _navigate(focus: Coll, name: str, env: Env, typed: bool) -> Coll:
     uname = "_" + name
     suffixes = _choice_suffixes().get(name)
+    keys = _choice_keys().get(name, frozenset())
     out: Coll = []
     for item in focus:
         cls = item.__class__
         if cls is dict:
-            got = _prop(item, name, uname)
-            if not got and suffixes is not None:
+            # _prop's cases inline. _choice_lookup finds nothing when none of the choice's property
+            # names is present (JSON keys are strings; it fails on an empty one, so that still calls it).
+            v = item.get(name)
+            if v is None and uname not in item:
+                if suffixes is None or (keys.isdisjoint(item) and "" not in item):
+                    continue
                 got = _nav_choice(item, name, suffixes, env, typed)
+            elif v.__class__ is list and v and v[0].__class__ is dict:
+                got = v
+            elif v.__class__ is dict:
+                got = [v]
+            elif v is not None and v.__class__ is not list:
+                ext = item.get(uname)
+                got = [v] if ext is None else [Prim(v, ext)]
+            else:
+                got = _prop(item, name, uname)
+                if not got and suffixes is not None and (not keys.isdisjoint(item) or "" in item):
+                    got = _nav_choice(item, name, suffixes, env, typed)
         elif cls is Prim and item.ext is not None:
             got = _prop(item.ext, name, uname) if name in ("id", "extension") else EMPTY
         else:
@@ -785,14 +803,19 @@ def _child_objects(coll: Coll, env: Env) -> Coll:
     out: Coll = []
     for item in coll:
         if item.__class__ is dict:
+            # Plain loops: extend() with a generator costs more than the short lists here.
             for key, value in item.items():
                 if value.__class__ is dict:
                     if key[0] != "_":
                         out.append(value)
                 elif value.__class__ is list and key[0] != "_":
-                    out.extend(x for x in value if x.__class__ is dict)
+                    for x in value:
+                        if x.__class__ is dict:
+                            out.append(x)
         elif item.__class__ is Prim and item.ext is not None:
-            out.extend(x for x in item.ext.get("extension") or () if x.__class__ is dict)
+            for x in item.ext.get("extension") or ():
+                if x.__class__ is dict:
+                    out.append(x)
     return out
 
 
@@ -812,14 +835,18 @@ def _descendant_objects(coll: Coll, env: Env) -> Coll:
         nxt_holders: Coll = []
         for i, node in enumerate(level):
             if i < holders:  # the _name part of a primitive: its extensions are its children
-                nxt.extend(x for x in node.get("extension") or () if x.__class__ is dict)
+                for x in node.get("extension") or ():
+                    if x.__class__ is dict:
+                        nxt.append(x)
                 continue
             for k, value in node.items():
-                items = value if value.__class__ is list else (value,)
-                if k[0] == "_":
-                    nxt_holders.extend(x for x in items if x.__class__ is dict)
-                else:
-                    nxt.extend(x for x in items if x.__class__ is dict)
+                into = nxt_holders if k[0] == "_" else nxt
+                if value.__class__ is dict:
+                    into.append(value)
+                elif value.__class__ is list:
+                    for x in value:
+                        if x.__class__ is dict:
+                            into.append(x)
         out.extend(nxt)
         level = nxt_holders + nxt
         holders = len(nxt_holders)
@@ -1003,7 +1030,7 @@ def _distinct(items: Coll) -> Coll:
     seen: set[Any] = set()
     others: Coll = []
     for item in items:
-        key = _hash_key(item)
+        key = item if item.__class__ is str else _hash_key(item)
         if key is not None:
             if key in seen:
                 continue
@@ -1014,6 +1041,23 @@ def _distinct(items: Coll) -> Coll:
             others.append(item)
         out.append(item)
     return out
+
+
+def _is_distinct(items: Coll) -> bool:
+    """``isDistinct()``: ``_distinct`` drops no item. Strings, numbers and Booleans are counted
+    in a set; with any other item, ``_distinct`` decides."""
+    if len(items) < 2:
+        return True
+    seen: set[Any] = set()
+    repeated = False
+    for item in items:
+        key = item if item.__class__ is str else _hash_key(item)
+        if key is None:
+            return len(_distinct(items)) == len(items)
+        if key in seen:
+            repeated = True
+        seen.add(key)
+    return not repeated
 
 
 def _contains_item(coll: Coll, item: Any) -> bool:
@@ -1106,11 +1150,17 @@ def _type_matcher(spec: str) -> Callable[[Any, Env], bool]:
     if namespace == "System":
         return lambda item, env: _system_type(item, env) == name
 
+    subtype: dict[str, bool] = {}  # type code -> _is_subtype(code, name): dom-3 tests every node
+
     def matches(item: Any, env: Env) -> bool:
-        actual = _fhir_type(item, env)
+        # A primitive reached by typed navigation carries its type (the usual case in dom-3).
+        actual = item.type if item.__class__ is Prim and item.type is not None else _fhir_type(item, env)
         if actual is None:
             return name == "Element" and item.__class__ is dict
-        return _is_subtype(actual, name)
+        found = subtype.get(actual)
+        if found is None:
+            found = subtype[actual] = _is_subtype(actual, name)
+        return found
 
     return matches
 
@@ -1579,7 +1629,7 @@ _simple("tail", lambda c: c[1:])
 _simple("distinct", _distinct)
 _simple("single", _single_fn)
 _simple("empty", lambda c: not c, boolean=True)
-_simple("isDistinct", lambda c: len(c) < 2 or len(_distinct(c)) == len(c), boolean=True)
+_simple("isDistinct", _is_distinct, boolean=True)
 _simple("hasValue", _has_value, boolean=True)
 _simple("allTrue", lambda c: all(_bools(c, "allTrue")), boolean=True)
 _simple("anyTrue", lambda c: any(_bools(c, "anyTrue")), boolean=True)
@@ -2416,7 +2466,7 @@ _INLINE_BOOL: dict[str, Callable[[Coll], bool | None]] = {
     "exists": bool,
     "empty": lambda c: not c,
     "hasValue": lambda c: _has_value(c),
-    "isDistinct": lambda c: len(c) < 2 or len(_distinct(c)) == len(c),
+    "isDistinct": _is_distinct,
 }
 
 
@@ -2929,16 +2979,27 @@ class Compiled:
     ``compiled(node, env)`` returns the result collection (a new list); ``compiled.test(node,
     env)`` evaluates it as an invariant (see :func:`evaluate_invariant`). ``node`` is a JSON value
     (dict, primitive or :class:`Prim`) or a list taken as the input collection.
+
+    ``test`` runs the closures for the first evaluations, then Python code generated from the
+    syntax tree (:mod:`adapter.fhir.fhirpath_codegen`) with the same results as
+    :meth:`closure_test`: generating costs about a millisecond, which an expression evaluated a
+    few times (the CLI on one file) never repays.
     """
 
-    __slots__ = ("_bool", "_fn", "context", "expression", "typed")
+    __slots__ = ("_ast", "_bool", "_calls", "_fn", "context", "expression", "test", "typed")
 
-    def __init__(self, expression: str, fn: Fn, test: BFn, typed: bool, context: bool) -> None:
+    #: True/False, or None for an empty result; several items raise EvaluationError.
+    test: Callable[[Any, Env], bool | None]
+
+    def __init__(self, expression: str, ast: AST, fn: Fn, test: BFn, typed: bool, context: bool) -> None:
         self.expression = expression
+        self._ast = ast
         self._fn = fn
         self._bool = test
         self.typed = typed
         self.context = context  # uses %context (which defaults to the input node)
+        self._calls = 0
+        self.test = self._warming_test
 
     def __repr__(self) -> str:
         return f"Compiled({self.expression!r})"
@@ -2952,12 +3013,24 @@ class Compiled:
         env.root = root
         return self._fn(root, root, env)
 
-    def test(self, node: Any, env: Env) -> bool | None:
-        """True/False, or None for an empty result; several items raise EvaluationError."""
+    def closure_test(self, node: Any, env: Env) -> bool | None:
+        """``test`` through the closures of the Boolean compilation (no generated code)."""
         root = node if node.__class__ is list else ([node] if node is not None else EMPTY)
         if self.context:
             env.root = root
         return self._bool(root, root, env)
+
+    def _warming_test(self, node: Any, env: Env) -> bool | None:
+        self._calls += 1
+        if self._calls >= _GENERATE_AFTER and self.test == self._warming_test:
+            from adapter.fhir.fhirpath_codegen import generated_test  # it builds on this module
+
+            self.test = generated_test(self)
+        return self.closure_test(node, env)
+
+
+#: Evaluations of an expression through the closures before its test is generated (Compiled).
+_GENERATE_AFTER = 32
 
 
 _COMPILED: dict[str, Compiled] = {}
@@ -2971,7 +3044,7 @@ def compile_expression(expression: str) -> Compiled:
         typed = _uses_types(ast)
         compiler = _Compiler(typed)
         context = "%context" in expression
-        found = Compiled(expression, compiler.compile(ast), compiler.compile_bool(ast), typed, context)
+        found = Compiled(expression, ast, compiler.compile(ast), compiler.compile_bool(ast), typed, context)
         _COMPILED[expression] = found
     return found
 
@@ -2982,7 +3055,7 @@ def compile_tree(key: str, ast: AST) -> Compiled:
     if found is None:
         typed = _uses_types(ast)
         compiler = _Compiler(typed)
-        found = Compiled(key, compiler.compile(ast), compiler.compile_bool(ast), typed, "%context" in key)
+        found = Compiled(key, ast, compiler.compile(ast), compiler.compile_bool(ast), typed, "%context" in key)
         _COMPILED[key] = found
     return found
 
