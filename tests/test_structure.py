@@ -233,6 +233,18 @@ def test_deep_nesting_is_an_issue_not_a_crash() -> None:
     assert found and found[0].code == "too-costly"
 
 
+def test_an_empty_json_key_is_an_unknown_element_not_a_crash() -> None:
+    """JSON allows "" as a key; the walk took key[0] of it (an IndexError, a 500 from the API)."""
+    for resource, where in [
+        ({"resourceType": "Patient", "": 1}, "Patient."),
+        ({"resourceType": "Patient", "name": [{"family": "Ann", "": {"a": 1}}]}, "Patient.name[0]."),
+        ({"resourceType": "Patient", "gender": "female", "_gender": {"": []}}, "Patient.gender."),
+    ]:
+        [issue] = errors(resource)
+        assert issue.code == "structure" and "Unknown element ''" in issue.diagnostics
+        assert issue.expression == where
+
+
 def test_invariants_on_primitive_elements_are_evaluated() -> None:
     # eld-3 sits on ElementDefinition.max, a string: "empty() or ($this = '*') or (toInteger() >= 0)"
     structure = {

@@ -247,7 +247,7 @@ class _Walk:
         for key, value in node.items():
             spec = specs.get(key)
             if spec is None:
-                if key[0] == "_":
+                if key[:1] == "_":  # not key[0]: a JSON key may be empty
                     self.primitive_extras(key, value, specs, node, path)
                 elif key == "fhir_comments":
                     # XML comments as JSON, a DSTU2 convention that converters still emit: no data, so
