@@ -904,3 +904,23 @@ def test_full_corpus_errors_are_the_known_invalid_examples() -> None:
             if result is False and severity[t.key] == "error":
                 errors.add((t.key, path.name))
     assert errors == set(FULL_CORPUS_ERRORS)
+
+
+def test_an_empty_json_key_is_just_another_property() -> None:
+    """JSON allows "" as a key; navigation, children() and descendants() read key[0] of it (an
+    IndexError, not a FHIRPathError) before, in the closures and in the generated code alike."""
+    one = {"resourceType": "Observation", "status": "final", "component": [{"": 1, "code": {"text": "a"}}]}
+    two = {**one, "component": [{"": 1, "valueString": "x"}, {"": {"a": 1}, "code": {"text": "b"}}]}
+    expected = {
+        "component.value.exists()": (False, True),
+        "component.children().count() = 2": (True, False),
+        "descendants().where($this = 'x').exists()": (False, True),
+        "component.code.text.exists()": (True, True),
+    }
+    for text, (first, second) in expected.items():
+        compiled = fp.compile_expression(text)
+        for node, want in ((one, first), (two, second)):
+            assert compiled.closure_test(node, Env(resource=node)) is want, text
+            for _ in range(40):  # past the evaluations after which the generated code runs
+                got = compiled.test(node, Env(resource=node))
+            assert got is want, text

@@ -24,7 +24,7 @@ from adapter.api.capability import resource_types
 from adapter.api.negotiation import Format, read_resource, render
 from adapter.errors import InputError, UnknownResourceType, ValidationFailed
 from adapter.mapping.run import MappingPool
-from adapter.search.query import SearchQuery, parse_search
+from adapter.search.query import SearchQuery, parse_search, parse_token_condition
 from adapter.store import Resource, ResourceStore
 from adapter.validation import Validator
 
@@ -182,7 +182,14 @@ def written(request: Request, stored: Resource, status: int, fmt: Format) -> Res
 
 def condition(type: str, text: str, where: str) -> SearchQuery:
     """The search in ``If-None-Exist`` or a conditional URL; strict, since an ignored parameter
-    would widen the match (https://hl7.org/fhir/R4/http.html#ccreate)."""
+    would widen the match (https://hl7.org/fhir/R4/http.html#ccreate). Plain token criteria
+    (business identifiers, what ``$ingest`` writes for every resource) take the short way
+    (:func:`adapter.search.query.parse_token_condition`) to the query :func:`full_condition` makes."""
+    return parse_token_condition(type, text) or full_condition(type, text, where)
+
+
+def full_condition(type: str, text: str, where: str) -> SearchQuery:
+    """:func:`condition` by the query-string and search parsers, whatever the criteria."""
     query_text = text.split("?", 1)[1] if "?" in text else text
     pairs = [(name, value) for name, value in parse_qsl(query_text, keep_blank_values=True) if name != "_format"]
     if not pairs:

@@ -43,7 +43,6 @@ from adapter.mapping.engine import MappedRecord, Mapper
 from adapter.mapping.run import Batches, MappingPool, Summary, can_cross, decode, provenance
 from adapter.mapping.sources import RawRecord, read_records
 from adapter.mapping.spec import MappingSpec, SourceFormat, load
-from adapter.search.query import SearchQuery, parse_token_condition
 from adapter.store import Operation, OperationResult, ResourceStore
 from adapter.validation import Validator
 
@@ -77,18 +76,12 @@ _IN_PROCESS_BELOW = 2 * _CHUNK
 _log = logging.getLogger("adapter.api")
 
 
-def _condition(type: str, text: str) -> SearchQuery:
-    """A resource's If-None-Exist as a search: token criteria on business identifiers (what the
-    mappings write) the short way, anything else as any conditional create's (the same query)."""
-    return parse_token_condition(type, text) or condition(type, text, "ifNoneExist")
-
-
 def _operations(record: MappedRecord) -> list[Operation]:
     operations = []
     for item in record.resources:
         resource = item.resource
         type, id = resource["resourceType"], resource["id"]
-        if_none_exist = _condition(type, item.if_none_exist) if item.if_none_exist else None
+        if_none_exist = condition(type, item.if_none_exist, "ifNoneExist") if item.if_none_exist else None
         operations.append(Operation.create(resource, id=id, if_none_exist=if_none_exist, full_url=f"urn:uuid:{id}"))
     return operations
 

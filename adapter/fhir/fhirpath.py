@@ -481,7 +481,7 @@ def _choice_lookup(node: dict[str, Any], name: str, suffixes: dict[str, str]) ->
     """(property, type code) of the choice element ``name[x]`` present in ``node``, if any."""
     n = len(name)
     for key in node:
-        base = key[1:] if key[0] == "_" else key
+        base = key[1:] if key[:1] == "_" else key  # key[:1]: a JSON key may be empty
         if len(base) > n and base.startswith(name):
             code = suffixes.get(base[n:])
             # A choice is never repeated: a list here is an ordinary element (Device.property.valueCode).
@@ -521,10 +521,10 @@ def _navigate(focus: Coll, name: str, env: Env, typed: bool) -> Coll:
         cls = item.__class__
         if cls is dict:
             # _prop's cases inline. _choice_lookup finds nothing when none of the choice's property
-            # names is present (JSON keys are strings; it fails on an empty one, so that still calls it).
+            # names is present.
             v = item.get(name)
             if v is None and uname not in item:
-                if suffixes is None or (keys.isdisjoint(item) and "" not in item):
+                if suffixes is None or keys.isdisjoint(item):
                     continue
                 got = _nav_choice(item, name, suffixes, env, typed)
             elif v.__class__ is list and v and v[0].__class__ is dict:
@@ -536,7 +536,7 @@ def _navigate(focus: Coll, name: str, env: Env, typed: bool) -> Coll:
                 got = [v] if ext is None else [Prim(v, ext)]
             else:
                 got = _prop(item, name, uname)
-                if not got and suffixes is not None and (not keys.isdisjoint(item) or "" in item):
+                if not got and suffixes is not None and not keys.isdisjoint(item):
                     got = _nav_choice(item, name, suffixes, env, typed)
         elif cls is Prim and item.ext is not None:
             got = _prop(item.ext, name, uname) if name in ("id", "extension") else EMPTY
@@ -661,7 +661,7 @@ def _children_untyped(item: Any) -> Coll:
     cls = item.__class__
     if cls is dict:
         for key, value in item.items():
-            if key[0] == "_":
+            if key[:1] == "_":
                 if key[1:] not in item:
                     _merge(None, value, out)
             elif key != "resourceType":
@@ -684,7 +684,7 @@ def _child_count(item: Any) -> int:
     cls = item.__class__
     if cls is dict:
         for key, value in item.items():
-            if key[0] == "_":
+            if key[:1] == "_":
                 if key[1:] in item:
                     continue
             elif key == "resourceType":
@@ -739,7 +739,7 @@ def _children_typed(item: Any, ctx: model.Context | None, env: Env, out: list[tu
         return
     specs = ctx.children
     for key, value in item.items():
-        if key[0] == "_":
+        if key[:1] == "_":
             if key[1:] in item:
                 continue
             name, value, ext = key[1:], None, value
@@ -806,9 +806,9 @@ def _child_objects(coll: Coll, env: Env) -> Coll:
             # Plain loops: extend() with a generator costs more than the short lists here.
             for key, value in item.items():
                 if value.__class__ is dict:
-                    if key[0] != "_":
+                    if key[:1] != "_":
                         out.append(value)
-                elif value.__class__ is list and key[0] != "_":
+                elif value.__class__ is list and key[:1] != "_":
                     for x in value:
                         if x.__class__ is dict:
                             out.append(x)
@@ -840,7 +840,7 @@ def _descendant_objects(coll: Coll, env: Env) -> Coll:
                         nxt.append(x)
                 continue
             for k, value in node.items():
-                into = nxt_holders if k[0] == "_" else nxt
+                into = nxt_holders if k[:1] == "_" else nxt
                 if value.__class__ is dict:
                     into.append(value)
                 elif value.__class__ is list:

@@ -16,7 +16,7 @@ How
 ---
 :class:`_Generator` walks the tree as ``_Compiler`` does, taking the same decisions in the same
 order (fused forms, fast paths), and emits statements that do what the closure chosen there does,
-calling the module's own helpers (``_prop``, ``_navigate``, ``_eq3``, ``_compare``, ...) for the
+calling the module's own helpers (``_navigate``, ``_nav_choice``, ``_eq3``, ``_compare``, ...) for the
 semantics. Only the common case of a closure is inlined (``code = 'Reference'`` on a JSON string);
 its other cases call that closure: the generator compiles the same node with the same compiler
 (at the same lambda depth, so loop-invariant subexpressions are memoised alike) and emits a call
@@ -84,8 +84,6 @@ _HELPERS = (
     "_is_distinct",
     "_nav_choice",
     "_navigate",
-    "_not",
-    "_prop",
     "_root_resource",
     "_single",
     "_as_str",

@@ -225,10 +225,6 @@ def _add_number(rows: IndexRows, code: str, value: Any) -> None:
         rows.numbers.append((code, float(value["value"]), value.get("system"), unit_code))
 
 
-def _add_nothing(rows: IndexRows, code: str, value: Any) -> None:
-    return None
-
-
 _Add = Callable[[IndexRows, str, Any], None]
 
 #: What a value found for a parameter adds to the rows, by the parameter's type.
@@ -298,10 +294,7 @@ def _listed(value: Any) -> list[Any]:
 
 def _one_step(name: str) -> _Find:
     def find(resource: dict[str, Any]) -> list[Any] | None:
-        value = resource.get(name)
-        if value.__class__ is list:
-            return [item for item in value if item is not None]
-        return [] if value is None else [value]
+        return _listed(resource.get(name))
 
     return find
 
@@ -327,28 +320,22 @@ class _PlainPath:
     and one with a value indexes the value). Paths through a choice element (``value[x]``) or into
     extensions are not plain, and stay with FHIRPath (or :class:`_Walk`)."""
 
-    __slots__ = ("find", "names", "roots", "text")
+    __slots__ = ("find", "roots", "text")
 
     def __init__(self, text: str, names: tuple[str, ...]) -> None:
         self.text = text
-        self.names = names
         #: The resource finds nothing without one of these elements.
         self.roots = frozenset({names[0]})
-        walk: _Find = partial(_follow, tuple(_member_step(name) for name in names))
         # Most parameters are one or two steps: those without the loop.
-        self.find: _Find = (
-            _one_step(names[0])
-            if len(names) == 1
-            else _two_steps(names[0], names[1], walk)
-            if len(names) == 2
-            else walk
-        )
+        self.find: _Find
+        if len(names) == 1:
+            self.find = _one_step(names[0])
+        else:
+            walk: _Find = partial(_follow, tuple(_member_step(name) for name in names))
+            self.find = _two_steps(names[0], names[1], walk) if len(names) == 2 else walk
 
     def __repr__(self) -> str:
         return f"_PlainPath({self.text!r})"
-
-    def __call__(self, resource: dict[str, Any], env: fhirpath.Env | None = None) -> list[Any]:
-        return self.find(resource) or []
 
 
 def _plain_path(text: str, type: str) -> _PlainPath | None:
@@ -426,7 +413,7 @@ def _resolves_step(target: str) -> _Step:
             if reference.startswith("#"):
                 return None
             named = parse_reference(reference)[0]
-            if named is not None and _is_a(named, target):
+            if named is not None and fhirpath._is_subtype(named, target):
                 found.append(item)
         return found
 
@@ -479,7 +466,7 @@ class _Walk:
 
     __slots__ = ("compiled", "find", "roots", "text")
 
-    def __init__(self, text: str, find: _Find, roots: frozenset[str], compiled: Extractor) -> None:
+    def __init__(self, text: str, find: _Find, roots: frozenset[str], compiled: fhirpath.Compiled) -> None:
         self.text = text
         self.find = find
         #: The resource finds nothing without one of these elements.
@@ -488,26 +475,6 @@ class _Walk:
 
     def __repr__(self) -> str:
         return f"_Walk({self.text!r})"
-
-    def __call__(self, resource: dict[str, Any], env: fhirpath.Env) -> Sequence[Any]:
-        found = self.find(resource)
-        return self.compiled(resource, env) if found is None else found
-
-
-@lru_cache(maxsize=4096)
-def _is_a(name: str, target: str) -> bool:
-    """``name`` is ``target`` or derives from it in the R4 model, as FHIRPath's ``is`` and ``ofType`` test."""
-    current: str | None = name
-    for _ in range(20):
-        if current is None:
-            return False
-        if current == target:
-            return True
-        if model.has_type(current):
-            current = model.type_model(current).base
-        else:
-            current = "Resource" if current == "DomainResource" else None
-    return False
 
 
 def _identifier(node: dict[str, Any]) -> str | None:
@@ -609,10 +576,10 @@ def _choice_keys(context: model.Context, name: str) -> tuple[frozenset[str], dic
     return frozenset({name, "_" + name, *codes, *("_" + key for key in codes)}), codes
 
 
-def _walk(text: str, tree: dict[str, Any], type: str, compiled: Extractor) -> _Walk | None:
+def _walk(text: str, tree: dict[str, Any], type: str, compiled: fhirpath.Compiled) -> _Walk | None:
     """The walk of ``tree`` on a ``type`` resource, or None when it is not of the forms above."""
     found = _invocations(tree)
-    if not found or found[0][0] != "member" or not _is_a(type, found[0][1]):
+    if not found or found[0][0] != "member" or not fhirpath._is_subtype(type, found[0][1]):
         return None
     context: model.Context | None = model.context_for(type)
     steps: list[_Step] = []
@@ -626,7 +593,7 @@ def _walk(text: str, tree: dict[str, Any], type: str, compiled: Extractor) -> _W
             child = context.children.get(name) if context is not None and name not in _NOT_PLAIN else None
             if child is not None and not child.element.is_choice:
                 steps.append(_member_step(name))
-                roots = roots or frozenset({name, "_" + name})
+                roots = roots or frozenset({name})  # _member_step reads no _name part
                 context = None if child.is_primitive or child.is_resource else child.context()
             else:
                 choice = _choice_keys(context, name) if context is not None else None
@@ -634,7 +601,7 @@ def _walk(text: str, tree: dict[str, Any], type: str, compiled: Extractor) -> _W
                     return None
                 keys, codes = choice
                 of = found[index + 1][1] if index + 1 < len(found) and found[index + 1][0] == "ofType" else None
-                wanted = frozenset(key for key, code in codes.items() if of is None or _is_a(code, of))
+                wanted = frozenset(key for key, code in codes.items() if of is None or fhirpath._is_subtype(code, of))
                 steps.append(_choice_step(name, keys, wanted))
                 roots = roots or keys
                 plain = False
@@ -676,7 +643,8 @@ def _fast(key: str, text: str, tree: dict[str, Any], type: str) -> Extractor:
     return _Walk(key, _union_of(tuple(part.find for part in walks)), roots, compiled)
 
 
-Extractor = Callable[[dict[str, Any], fhirpath.Env], Sequence[Any]]
+#: How a parameter's expression is evaluated on a resource: a plain path, a walk, or the compiled FHIRPath.
+Extractor = _PlainPath | _Walk | fhirpath.Compiled
 
 
 @cache
@@ -713,7 +681,7 @@ def _applies(text: str, type: str) -> bool:
 
 #: One extractor of one parameter as :func:`index_values` runs it: the walk (None for FHIRPath
 #: alone), the compiled FHIRPath (None for a plain path), what a value adds, the parameter's code.
-_Run = tuple[_Find | None, Extractor | None, _Add, str]
+_Run = tuple[_Find | None, fhirpath.Compiled | None, _Add, str]
 
 #: Resource shapes (its property names in order) remembered per type: a bound on the memory a
 #: stream of odd resources can take; ingest writes a few shapes a type.
@@ -731,7 +699,7 @@ class _Runs:
         self.extractors = extractors
         self.runs: list[tuple[_Run, frozenset[str] | None]] = []
         for param, compiled in extractors:
-            add = _ADDERS.get(param.type, _add_nothing)
+            add = _ADDERS[param.type]  # indexed parameters are of these types
             for expression in compiled:
                 if isinstance(expression, _PlainPath):
                     self.runs.append(((expression.find, None, add, param.code), expression.roots))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import cache
 from typing import Literal
-from urllib.parse import unquote
+from urllib.parse import unquote_plus
 
 from adapter.errors import InputError
 from adapter.search.index import date_range, normalise, parse_reference
@@ -431,7 +431,7 @@ def _plain_tokens(type: str) -> dict[str, SearchParam]:
 
 def parse_token_condition(type: str, text: str) -> SearchQuery | None:
     """What a conditional create's criteria ``text`` (``identifier=system|code``, or several joined
-    by ``&``) parse to, as ``adapter.api.context.condition`` parses them (the query string decoded,
+    by ``&``) parse to, as ``adapter.api.context.full_condition`` parses them (the query string decoded,
     then :func:`parse_search`, strict), when every criterion is a token parameter of ``type``
     without modifier, chain, comma, backslash or leading ``_``; None for anything else, which then
     goes that full way (and fails there when it should).
@@ -448,8 +448,8 @@ def parse_token_condition(type: str, text: str) -> SearchQuery | None:
         param = parameters.get(name)
         if param is None or not equals:
             return None
-        # As urllib.parse.parse_qsl decodes a value: "+" is a space, then %XX.
-        value = unquote(raw.replace("+", " ")) if "%" in raw or "+" in raw else raw
+        # As urllib.parse.parse_qsl decodes a value.
+        value = unquote_plus(raw) if "%" in raw or "+" in raw else raw
         if "\\" in value or "," in value:
             return None
         system, bar, code = value.partition("|")

@@ -580,9 +580,8 @@ class ProfileValidator:
         (the targets must not change meanwhile)."""
         issues, extended = self.structural.examine(resource)
         if isinstance(resource, dict):
-            run = _Run(self, resource, resolve, conformance)
             # Without an extension anywhere there is nothing for the sweep to find.
-            run.sweep = extended
+            run = _Run(self, resource, resolve, conformance, sweep=extended)
             run.resource(resource, resource.get("resourceType", "Resource"), list(profiles), None)
             issues += run.issues
             if conformance is not None and not any(issue.is_error for issue in issues):
@@ -614,6 +613,8 @@ class _Run:
         root: dict[str, Any],
         resolve: Callable[[str], dict[str, Any] | None] | None = None,
         conformance: dict[tuple[int, str], bool] | None = None,
+        *,
+        sweep: bool = True,
     ) -> None:
         self.v = validator
         # Whether a reference target meets a profile, by (id(target), profile): a target referred
@@ -622,7 +623,7 @@ class _Run:
         self.root = root
         self.issues: list[Issue] = []
         self.checked_extensions: set[int] = set()
-        self.sweep = True  # whether to look for extensions no profile mentions
+        self.sweep = sweep  # whether to look for extensions no profile mentions
         self.checked_profiles: set[tuple[int, str]] = set()
         self.probing = 0
         self.not_checked: set[str] = set()

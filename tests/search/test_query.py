@@ -6,7 +6,7 @@ import unicodedata
 
 import pytest
 
-from adapter.api.context import condition
+from adapter.api.context import full_condition
 from adapter.errors import InputError
 from adapter.search.index import date_range, index_values, normalise
 from adapter.search.query import (
@@ -105,7 +105,7 @@ FULL_WAY = [
 def _full_way(type: str, text: str) -> SearchQuery | str:
     """What a conditional create's If-None-Exist parses to, or the message it is refused with."""
     try:
-        return condition(type, text, "ifNoneExist")
+        return full_condition(type, text, "ifNoneExist")
     except InputError as exc:
         return exc.message
 
