@@ -61,7 +61,10 @@ _MEDIA_FORMATS: dict[str, SourceFormat] = {
 }
 _FORMATS = ("csv", "json", "ndjson", "xml")
 #: Records stored at a time: each in its own transaction, committed together (one commit per window).
-_WINDOW = 64
+#: Ids are uuid5s, so every record's rows land on random pages of the indexes; the more records a
+#: commit holds, the more of them share a page, which SQLite then writes to its WAL once. 256 rather
+#: than 64: server CPU per record 1,115 -> 970 µs at 6,000 records of each (1,024: 948).
+_WINDOW = 256
 #: Records the summary looks for differing duplicates among (as ``spfhir map`` does per Bundle).
 _BATCH = 1000
 #: Records sent to a worker at a time: storing starts after the first chunk is mapped (about 0.1 s),

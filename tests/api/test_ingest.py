@@ -239,9 +239,10 @@ def mapping_pool() -> Iterator[MappingPool]:
 
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunks, summary batches and the in-process limit cut small, so that a few hundred records
-    cross several of each."""
+    """Chunks, store windows, summary batches and the in-process limit cut small, so that a few
+    hundred records cross several of each."""
     monkeypatch.setattr(ingest_module, "_CHUNK", 16)
+    monkeypatch.setattr(ingest_module, "_WINDOW", 24)
     monkeypatch.setattr(ingest_module, "_BATCH", 50)
     monkeypatch.setattr(ingest_module, "_IN_PROCESS_BELOW", 32)
 
