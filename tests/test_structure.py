@@ -259,3 +259,74 @@ def test_invariants_on_primitive_elements_are_evaluated() -> None:
     }
     found = [(i.code, i.expression) for i in errors(structure) if i.diagnostics.startswith("eld-3")]
     assert found == [("invariant", "StructureDefinition.differential.element[0].max")]
+
+
+def test_string_fast_tests_accept_what_the_r4_regexes_match() -> None:
+    """The walk's str-method tests stand in for the regexes of string, markdown, uri, url, canonical
+    and code (#2): each character (R4's \\s is ASCII) and the empty string."""
+    from adapter.validation.structure import _CODE_FAST, _STR_TESTS, _code_ok, _regex
+
+    texts = ["", " ", "a b", "a  b", " a", "a "] + [chr(c) for c in [*range(0x3100), 0x1680, 0x3000, 0xFEFF, 0x1F600]]
+    for code in ("string", "markdown", "uri", "url", "canonical"):
+        regex = _regex(code)
+        assert regex is not None
+        test = _STR_TESTS[regex.pattern]
+        for text in texts:
+            for value in (text, "x" + text + "y"):
+                assert test(value) == bool(regex.fullmatch(value)), (code, value)
+    for text in texts:
+        for value in (text, "x" + text + "y"):
+            assert not _code_ok(value) or _CODE_FAST.fullmatch(value), value
+
+
+@pytest.mark.parametrize(
+    ("change", "value", "expression"),
+    [
+        (["active"], 1, "Patient.active"),
+        (["active"], "true", "Patient.active"),
+        (["multipleBirthInteger"], True, "Patient.multipleBirth.ofType(integer)"),
+        (["multipleBirthInteger"], -(2**31) - 1, "Patient.multipleBirth.ofType(integer)"),
+        (["contact", 0, "name", "given"], ["Jo", "\x0b"], "Patient.contact[0].name.given[1]"),
+        (["contact", 0, "name", "text"], "", "Patient.contact[0].name.text"),
+        (["identifier", 0, "system"], "https://x.org/a b", "Patient.identifier[0].system"),
+        (["photo"], [{"url": "http://x.org/\x0c"}], "Patient.photo[0].url"),
+    ],
+)
+def test_values_the_fast_tests_refuse_are_still_reported(change: list[Any], value: Any, expression: str) -> None:
+    assert [i.expression for i in errors(with_change(PATIENT, change, value))] == [expression]
+
+
+def test_invariants_are_reported_after_the_runner_is_generated() -> None:
+    """After 32 nodes of a context the walk runs its invariants as generated code (#2): a
+    violation on the 40th node, and on a node without the elements an invariant names, is reported."""
+    patient = copy.deepcopy(PATIENT)
+    patient["contact"] = [{"name": {"text": f"C{i}"}} for i in range(40)] + [{"gender": "male"}]
+    patient["name"] = [{"period": {"start": "2020-01-01"}} for _ in range(40)]
+    patient["name"].append({"period": {"start": "2020-02-01", "end": "2020-01-01"}})
+    found = [(i.expression, i.diagnostics[:6]) for i in errors(patient)]
+    assert found == [("Patient.name[40].period", "per-1:"), ("Patient.contact[40]", "pat-1:")]
+
+
+def test_an_invalid_xml_id_in_a_narrative_is_still_reported() -> None:
+    """Narratives are parsed without collecting xml:id values unless they mention xml:id (#2)."""
+    from adapter.validation.xhtml import check_xhtml
+
+    problem = check_xhtml('<div xmlns="http://www.w3.org/1999/xhtml" xml:id="1 2">a</div>')
+    assert problem is not None and "not an NCName" in problem
+    assert check_xhtml('<div xmlns="http://www.w3.org/1999/xhtml" id="a"><p id="a">b</p></div>') is None
+
+
+@pytest.mark.parametrize("code", [["active"], {"value": "active"}, 7])
+def test_a_code_that_is_not_a_string_under_a_required_binding_is_an_issue_not_a_crash(code: Any) -> None:
+    """A set lookup of an array or object code raised TypeError (unhashable): the CLI reported the
+    file unreadable and the API answered 500."""
+    resource = {
+        "resourceType": "AllergyIntolerance",
+        "clinicalStatus": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": code}]
+        },
+        "patient": {"reference": "Patient/p1"},
+    }
+    found = {(issue.expression, issue.code) for issue in errors(resource)}
+    assert ("AllergyIntolerance.clinicalStatus.coding", "code-invalid") in found
+    assert any(expression == "AllergyIntolerance.clinicalStatus.coding[0].code" for expression, _ in found)

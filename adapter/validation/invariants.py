@@ -22,6 +22,7 @@ against its own keys (:func:`checks_for`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -35,9 +36,11 @@ __all__ = [
     "NOT_EVALUATED",
     "Check",
     "InvariantChecker",
+    "Runner",
     "checks_for",
     "elements_for",
     "elements_for_primitive",
+    "runner_for",
 ]
 
 #: Checked by the walk itself, not through FHIRPath.
@@ -140,19 +143,101 @@ class InvariantChecker:
 
     def check(self, node: Any, checks: tuple[Check, ...], path: Path, env: Env, issues: list[Issue]) -> None:
         """Evaluate ``checks`` (see :func:`checks_for`) on ``node``."""
-        for key, severity, message, fn, keys, absent in checks:
-            if keys is not None and keys.isdisjoint(node):
-                result = absent
+        _check(node, checks, path, env, issues)
+
+
+def _check(node: Any, checks: tuple[Check, ...], path: Path, env: Env, issues: list[Issue]) -> None:
+    for key, severity, message, fn, keys, absent in checks:
+        if keys is not None and keys.isdisjoint(node):
+            result = absent
+        else:
+            try:
+                result = fn.test(node, env)
+            except Exception as exc:  # an evaluation error is reported, never passed silently
+                issues.append(_not_evaluated(key, exc, path))
+                continue
+        # An empty result is "not violated" (https://hl7.org/fhirpath/N1/#singleton-evaluation-of-collections)
+        if result is False:
+            issues.append(Issue(severity, "invariant", message, render(path)))
+
+
+def _not_evaluated(key: str, exc: Exception, path: Path) -> Issue:
+    return Issue("warning", "invariant", f"Invariant {key} could not be evaluated: {exc}", render(path))
+
+
+RunFn = Callable[[Any, Path, Env, list[Issue]], None]
+
+
+class Runner:
+    """The invariants of one context as one call: ``runner.run(node, path, env, issues)`` does what
+    :meth:`InvariantChecker.check` does with the same checks, in the same order.
+
+    The walk calls it on every node of the context (366,000 calls on the R4 examples, 4 checks
+    each on average), so after a few calls through the loop of ``check`` the checks are unrolled
+    into generated Python code: the absent-element test of a check becomes ``'min' in node or
+    '_min' in node`` (``keys.isdisjoint(node)`` for many keys), a check whose result when absent
+    is not False is skipped, and each evaluation has its own ``try``. ``node`` must be a JSON
+    object when any check has ``keys`` (as for every node :func:`checks_for` gives names for).
+    """
+
+    __slots__ = ("_calls", "checks", "run")
+
+    def __init__(self, checks: tuple[Check, ...]) -> None:
+        self.checks = checks
+        self._calls = 0
+        self.run: RunFn = self._warming
+
+    def _warming(self, node: Any, path: Path, env: Env, issues: list[Issue]) -> None:
+        self._calls += 1
+        if self._calls >= _GENERATE_AFTER:
+            self.run = _generate(self.checks)
+        _check(node, self.checks, path, env, issues)
+
+
+#: Calls of a Runner through the loop before its code is generated (generating costs ~0.3 ms).
+_GENERATE_AFTER = 32
+#: Up to this many keys, the absent-element test is a chain of ``in`` tests.
+_INLINE_KEYS = 8
+_RUNNERS: dict[tuple[Check, ...], Runner] = {}
+
+
+def runner_for(checks: tuple[Check, ...]) -> Runner | None:
+    """The (shared) runner of ``checks``; None when there are none."""
+    if not checks:
+        return None
+    found = _RUNNERS.get(checks)
+    if found is None:
+        found = _RUNNERS[checks] = Runner(checks)
+    return found
+
+
+def _generate(checks: tuple[Check, ...]) -> RunFn:
+    names: dict[str, Any] = {"Issue": Issue, "render": render, "_not_evaluated": _not_evaluated}
+    lines = ["def run(node, path, env, issues):"]
+    for i, (key, severity, message, fn, keys, absent) in enumerate(checks):
+        names.update({f"c{i}": fn, f"k{i}": keys, f"s{i}": severity, f"m{i}": message, f"n{i}": key})
+        indent = "    "
+        if keys is not None:
+            if len(keys) <= _INLINE_KEYS:
+                present = " or ".join(f"{k!r} in node" for k in sorted(keys)) or "False"
             else:
-                try:
-                    result = fn.test(node, env)
-                except Exception as exc:  # an evaluation error is reported, never passed silently
-                    problem = f"Invariant {key} could not be evaluated: {exc}"
-                    issues.append(Issue("warning", "invariant", problem, render(path)))
-                    continue
-            # An empty result is "not violated" (https://hl7.org/fhirpath/N1/#singleton-evaluation-of-collections)
-            if result is False:
-                issues.append(Issue(severity, "invariant", message, render(path)))
+                present = f"not k{i}.isdisjoint(node)"
+            lines.append(f"    if {present}:")
+            indent = "        "
+        lines += [
+            f"{indent}try:",
+            f"{indent}    r = c{i}.test(node, env)",
+            f"{indent}except Exception as exc:",
+            f"{indent}    issues.append(_not_evaluated(n{i}, exc, path))",
+            f"{indent}else:",
+            f"{indent}    if r is False:",
+            f'{indent}        issues.append(Issue(s{i}, "invariant", m{i}, render(path)))',
+        ]
+        if keys is not None and absent is False:
+            lines += ["    else:", f'        issues.append(Issue(s{i}, "invariant", m{i}, render(path)))']
+    exec(compile("\n".join(lines) + "\n", "<invariants>", "exec"), names)
+    run: RunFn = names["run"]
+    return run
 
 
 @cache

@@ -18,6 +18,11 @@ def index(i: int) -> str:
     return _INDEX[i] if i < 256 else f"[{i}]"
 
 
+def indexes(n: int) -> tuple[str, ...]:
+    """The segments ``[0]`` to ``[n-1]`` (at least), to zip with the items of a list."""
+    return _INDEX if n <= 256 else _INDEX + tuple(f"[{i}]" for i in range(256, n))
+
+
 def render(path: Path) -> str:
     parts: list[str] = []
     while isinstance(path, tuple):

@@ -27,8 +27,15 @@ from adapter.fhir import model
 from adapter.fhir.fhirpath import Env
 from adapter.fhir.model import Child, Context, ElementDef
 from adapter.validation.base import Issue
-from adapter.validation.invariants import Check, InvariantChecker, checks_for, elements_for, elements_for_primitive
-from adapter.validation.paths import Path, render
+from adapter.validation.invariants import (
+    InvariantChecker,
+    Runner,
+    checks_for,
+    elements_for,
+    elements_for_primitive,
+    runner_for,
+)
+from adapter.validation.paths import Path, indexes, render
 from adapter.validation.paths import index as at
 from adapter.validation.xhtml import check_xhtml
 
@@ -50,6 +57,34 @@ _REFERENCE = re.compile(
 # A subset of the valid codes: printable ASCII words joined by single spaces match R4's code regex
 # and have no leading or trailing whitespace.
 _CODE_FAST = re.compile(r"[!-~]+(?: [!-~]+)*")
+
+
+# The same tests as the commonest R4 regexes, with str methods: a regex call costs 0.2-1 us on a
+# typical value, these a tenth of that. With re.ASCII (see _regex), \s is [ \t\n\r\f\v], so
+# "[ \r\n\t\S]+" (string, markdown) is "one or more characters, none \v or \f" and "\S*" (uri,
+# url, canonical) is "no ASCII whitespace". tests/test_structure.py checks them against the regexes.
+def _text_ok(value: str) -> bool:
+    return value != "" and "\x0b" not in value and "\x0c" not in value
+
+
+def _no_space_ok(value: str) -> bool:
+    return (
+        " " not in value
+        and "\n" not in value
+        and "\t" not in value
+        and "\r" not in value
+        and "\x0b" not in value
+        and "\x0c" not in value
+    )
+
+
+def _code_ok(value: str) -> bool:
+    """A subset of what _CODE_FAST matches: printable ASCII without spaces."""
+    return value != "" and value.isascii() and value.isprintable() and " " not in value
+
+
+#: R4 regex -> a test that accepts exactly the values it matches.
+_STR_TESTS: dict[str, Callable[[str], bool]] = {r"[ \r\n\t\S]+": _text_ok, r"\S*": _no_space_ok}
 # Primitive types whose required binding is checked on the string itself.
 _CODED_STRINGS = ("code", "string", "uri")
 
@@ -72,6 +107,7 @@ class _Spec:
         "choice",
         "element",
         "fast",
+        "fast_class",
         "json_kind",
         "key",
         "kind",
@@ -119,24 +155,31 @@ class _Spec:
         code = child.type_code
         self.low = 1 if code == "positiveInt" else 0 if code == "unsignedInt" else INT32_MIN
         # Invariants on a primitive element (eld-3) see the value, not an object: no shortcut.
-        self.prim_checks = checks_for(elements_for_primitive(element), None) if primitive else ()
+        self.prim_checks = runner_for(checks_for(elements_for_primitive(element), None)) if primitive else None
         # Of a complex element: its table (the context it holds) and its invariants, on first use.
         self.table: _Table | None = None
-        self.checks: tuple[Check, ...] = ()
+        self.checks: Runner | None = None
         # Fast path for the commonest values, a test that only accepts values the full path passes
         # without an issue (a value it rejects takes the full path): for a string primitive whose
         # only check is its regex (no invariant, not xhtml), the regex, or for codes (which also get
         # a whitespace check) a stricter one; for a string bound to a required ValueSet, membership
-        # in the codes that also pass those checks.
-        self.fast: Callable[[str], object] | None = None
+        # in the codes that also pass those checks; for a boolean or integer without invariants or
+        # binding, its JSON type (and range). The test applies to values of class ``fast_class``.
+        self.fast: Callable[[Any], object] | None = None
+        self.fast_class: type = str
         regex = _CODE_FAST if code == "code" else self.regex
-        if primitive and self.json_kind == "string" and code != "xhtml" and not self.prim_checks and regex:
+        if primitive and self.json_kind == "string" and code != "xhtml" and self.prim_checks is None and regex:
             if self.binding is None:
-                self.fast = regex.fullmatch
+                self.fast = _code_ok if code == "code" else _STR_TESTS.get(regex.pattern, regex.fullmatch)
             elif code in _CODED_STRINGS:
                 self.fast = frozenset(
                     c for codes in self.binding.values() for c in codes if regex.fullmatch(c)
                 ).__contains__
+        elif primitive and self.prim_checks is None and self.binding is None:
+            if self.json_kind == "boolean":
+                self.fast, self.fast_class = (True, False).__contains__, bool
+            elif self.json_kind == "integer":
+                self.fast, self.fast_class = range(self.low, INT32_MAX + 1).__contains__, int
         # A complex element with nothing to check but its content: the walk goes straight to it.
         self.plain = self.kind == COMPLEX and self.targets is None and self.binding is None
 
@@ -144,7 +187,7 @@ class _Spec:
         if self.table is None:
             ctx = self.child.context()
             table = _table(ctx)
-            self.checks = checks_for(elements_for(ctx, self.element), table.names)
+            self.checks = runner_for(checks_for(elements_for(ctx, self.element), table.names))
             self.table = table  # set last: a spec with a table is complete
         return self.table
 
@@ -169,7 +212,7 @@ class _Table:
             for element, names in required.items()
         )
         self.is_extension = ctx.path == "Extension"
-        self.checks = checks_for(elements_for(ctx, None), self.names)
+        self.checks = runner_for(checks_for(elements_for(ctx, None), self.names))
 
 
 @cache
@@ -233,7 +276,7 @@ class _Walk:
         node: Any,
         table: _Table,
         path: Path,
-        checks: tuple[Check, ...],
+        checks: Runner | None,
         resource_root: bool = False,
     ) -> None:
         if node.__class__ is not dict:
@@ -269,7 +312,7 @@ class _Walk:
                     )
                 choices[spec.name] = key
             fast = spec.fast
-            if fast is not None and value.__class__ is str and fast(value):
+            if fast is not None and value.__class__ is spec.fast_class and fast(value):
                 if spec.repeats:
                     self.repeating(value, spec, (path, spec.segment))
                 continue
@@ -303,8 +346,8 @@ class _Walk:
                 self.error("invariant", "ext-1: Must have either extensions or value[x], not both", path)
         elif len(node) == 1 and "id" in node:
             self.error("invariant", "ele-1: All FHIR elements must have a @value or children", path)
-        if checks and self.env is not None:
-            self.invariants.check(node, checks, path, self.env, self.issues)
+        if checks is not None and self.env is not None:
+            checks.run(node, path, self.env, self.issues)
 
     def repeating(self, value: Any, spec: _Spec, path: Path) -> None:
         if value.__class__ is not list:
@@ -316,23 +359,25 @@ class _Walk:
         if spec.max is not None and len(value) > spec.max:
             self.error("structure", f"Too many '{spec.key}': {len(value)}, at most {spec.max}", path)
         fast = spec.fast
+        fast_class = spec.fast_class
         if spec.plain:
             table = spec.table or spec.context()
-            for index, item in enumerate(value):
-                self.complex(item, table, (path, at(index)), spec.checks)
+            checks = spec.checks
+            for segment, item in zip(indexes(len(value)), value, strict=False):
+                self.complex(item, table, (path, segment), checks)
             return
-        for index, item in enumerate(value):
-            if fast is not None and item.__class__ is str and fast(item):
+        for segment, item in zip(indexes(len(value)), value, strict=False):
+            if fast is not None and item.__class__ is fast_class and fast(item):
                 continue
-            self.item(item, spec, (path, at(index)))
+            self.item(item, spec, (path, segment))
 
     def item(self, value: Any, spec: _Spec, path: Path) -> None:
         kind = spec.kind
         if kind == PRIMITIVE:
             if value is not None:  # a null stands for "extension only"; checked with the _ part
                 self.primitive(value, spec, path)
-                if spec.prim_checks and self.env is not None:  # invariants on a primitive element (eld-3)
-                    self.invariants.check(value, spec.prim_checks, path, self.env, self.issues)
+                if spec.prim_checks is not None and self.env is not None:  # on a primitive element (eld-3)
+                    spec.prim_checks.run(value, path, self.env, self.issues)
         elif kind == COMPLEX:
             self.complex(value, spec.table or spec.context(), path, spec.checks)
             if spec.targets is not None and value.__class__ is dict:
@@ -412,7 +457,7 @@ class _Walk:
         if "value" in value:
             self.error("structure", "The value of a primitive goes in the property without '_'", (path, ".value"))
             value = {k: v for k, v in value.items() if k != "value"}
-        self.complex(value, table, path, ())
+        self.complex(value, table, path, None)
 
     # -- references and codes ----------------------------------------------------------------
     def reference(self, node: dict[str, Any], spec: _Spec, path: Path) -> None:
@@ -468,7 +513,10 @@ class _Walk:
 def _in_value_set(coding: dict[str, Any], codes: dict[str, frozenset[str]]) -> bool:
     system = coding.get("system")
     found = codes.get(system) if system.__class__ is str else None
-    return found is not None and coding.get("code") in found
+    # A code that is not a string (an array or object, reported as such by the walk) is in no
+    # value set; a set lookup of it would raise TypeError (unhashable).
+    code = coding.get("code")
+    return found is not None and code.__class__ is str and code in found
 
 
 def _show_coding(coding: dict[str, Any]) -> str:
