@@ -279,6 +279,26 @@ def test_string_fast_tests_accept_what_the_r4_regexes_match() -> None:
             assert not _code_ok(value) or _CODE_FAST.fullmatch(value), value
 
 
+def test_base64_fast_test_accepts_what_the_r4_regex_matches() -> None:
+    """base64Binary's test stands in for its regex (#2): groups of four, ASCII whitespace only
+    between groups, every character alone and between groups, and the empty string."""
+    from adapter.validation.structure import _STR_TESTS, _regex
+
+    regex = _regex("base64Binary")
+    assert regex is not None
+    test = _STR_TESTS[regex.pattern]
+    chars = [chr(c) for c in [*range(0x100), 0x1680, 0x2028, 0x3000, 0xFEFF]]
+    shapes = ["", "abcd", "abc", "abcde", "ab=="]
+    shapes += [
+        f"{a}{w}{b}" for a in ("", "abcd", "ab", "abcdef") for w in (" ", "\n", "\r\n ") for b in ("", "AB+/", "A")
+    ]
+    values = (
+        shapes + [s + c for s in ("", "abc", "abcd", "abcd ") for c in chars] + ["abcd" + c + "efgh" for c in chars]
+    )
+    for value in values:
+        assert test(value) == bool(regex.fullmatch(value)), repr(value)
+
+
 @pytest.mark.parametrize(
     ("change", "value", "expression"),
     [

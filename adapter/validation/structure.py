@@ -83,8 +83,32 @@ def _code_ok(value: str) -> bool:
     return value != "" and value.isascii() and value.isprintable() and " " not in value
 
 
+_BASE64 = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/="
+_ASCII_SPACE = b" \t\n\r\x0b\x0c"  # bytes.split() and re.ASCII's \s: the same six
+
+
+def _base64_ok(value: str) -> bool:
+    """R4's base64Binary regex, "(\\s*([0-9a-zA-Z\\+/=]){4}\\s*)+": groups of 4 alphabet characters,
+    ASCII whitespace only between groups. On an attachment's data (tens of kilobytes) the regex
+    takes milliseconds: 0.3 s of a 4.5 s pass over the R4 examples, for 47 values (#2)."""
+    if not value.isascii():
+        return False
+    data = value.encode("ascii")
+    rest = data.translate(None, _BASE64)
+    if not rest:  # alphabet characters only, the common case
+        return data != b"" and len(data) % 4 == 0
+    if rest.translate(None, _ASCII_SPACE):
+        return False  # a character that is neither
+    runs = data.split()
+    return bool(runs) and all(len(run) % 4 == 0 for run in runs)
+
+
 #: R4 regex -> a test that accepts exactly the values it matches.
-_STR_TESTS: dict[str, Callable[[str], bool]] = {r"[ \r\n\t\S]+": _text_ok, r"\S*": _no_space_ok}
+_STR_TESTS: dict[str, Callable[[str], bool]] = {
+    r"[ \r\n\t\S]+": _text_ok,
+    r"\S*": _no_space_ok,
+    r"(\s*([0-9a-zA-Z\+/=]){4}\s*)+": _base64_ok,
+}
 # Primitive types whose required binding is checked on the string itself.
 _CODED_STRINGS = ("code", "string", "uri")
 
