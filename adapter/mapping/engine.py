@@ -16,8 +16,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -25,7 +26,7 @@ from adapter.mapping.base import Mapped, MappedResource, MappingError
 from adapter.mapping.helpers import HELPERS, ArgumentError
 from adapter.mapping.ids import deterministic_id, identity
 from adapter.mapping.sources import RawRecord, Record, extract
-from adapter.mapping.spec import MappingSpec, ResourceSpec, RuleSpec, Step
+from adapter.mapping.spec import Lookup, MappingSpec, ResourceSpec, RuleSpec, Step
 from adapter.validation import Validator
 from adapter.validation.profiles import ProfileValidator
 
@@ -42,12 +43,15 @@ class _Template:
     literals: tuple[str, ...]
     names: tuple[str, ...]
     heads: tuple[str, ...]
+    #: (name, head, the literal after it) for each name: what :meth:`Mapper._render` loops over.
+    parts: tuple[tuple[str, str, str], ...]
 
     @staticmethod
     def of(template: str) -> _Template:
         parts = _TEMPLATE.split(template)
-        names = tuple(parts[1::2])
-        return _Template(tuple(parts[0::2]), names, tuple(name.partition(".")[0] for name in names))
+        literals, names = tuple(parts[0::2]), tuple(parts[1::2])
+        heads = tuple(name.partition(".")[0] for name in names)
+        return _Template(literals, names, heads, tuple(zip(names, heads, literals[1:], strict=True)))
 
 
 @dataclass(slots=True)
@@ -61,11 +65,103 @@ class MappedRecord:
     defaults: list[str] = field(default_factory=list)
 
 
-def _lookup_value(spec: MappingSpec, name: str, value: Any) -> Any:
-    row = spec.lookups[name](str(value).lower() if isinstance(value, bool) else str(value))
+def _looked_up(lookup: Lookup, value: Any) -> Any:
+    """The FHIR value ``lookup`` gives for the source value ``value`` (a copy), or None."""
+    row = lookup(str(value).lower() if isinstance(value, bool) else str(value))
     if row is None:
         return None
-    return next(iter(row.values())) if len(spec.lookups[name].columns) == 1 else dict(row)
+    return next(iter(row.values())) if len(lookup.columns) == 1 else dict(row)
+
+
+# How a rule makes its value (:class:`_Rule`): a reference to another resource of the record, a
+# template of constants only (its text), another template, a helper, a field's value, a field's
+# value through a lookup, the spec's value (an object without objects or arrays in it, or another).
+_REFERENCE, _TEXT, _FILL, _HELPER, _FIELD, _LOOKUP, _FLAT, _CONSTANT = range(8)
+
+
+class _Rule(NamedTuple):
+    """A rule as :meth:`Mapper._resource` runs it (see :meth:`Mapper._plan`)."""
+
+    kind: int
+    #: The field and value of the rule's ``when`` (:func:`_when`), or None.
+    when: tuple[str, str] | None
+    repeats: bool
+    #: The path's steps but the last, and the last one's name and index (for :func:`_put_at`,
+    #: when the path has no ``[*]``; the others go through :func:`_put`).
+    init: tuple[tuple[str, int | None], ...]
+    name: str
+    position: int | None
+    rule: RuleSpec
+    #: By kind: the resource referred to, the text, the template, (field, sub-field), the value.
+    source: Any
+    #: Whether the value, whatever the record, is one that :func:`_prune` leaves as it is and finds
+    #: no reference in (:func:`_clean`): for a text, the spec's values and a lookup's objects.
+    clean: bool = False
+
+
+def _when(when: str) -> tuple[str, str]:
+    """A ``when`` (``field`` or ``field=value``) as (field, value; "" for any value)."""
+    name, _, expected = when.partition("=")
+    return name, expected
+
+
+def _applies(when: tuple[str, str], values: dict[str, Any]) -> bool:
+    name, expected = when
+    value = values.get(name)
+    if expected:
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        return value is not None and shown == expected
+    return value is not None and value != [] and value is not False
+
+
+#: Values :func:`_prune` always keeps (beside non-empty strings).
+_SCALARS = frozenset((int, float, bool, Decimal))
+
+
+def _clean(value: Any) -> bool:
+    """Whether :func:`_prune` leaves ``value`` as it is and finds no reference in it: non-empty
+    strings, numbers and booleans, in non-empty objects (without a ``reference``) and arrays."""
+    cls = value.__class__
+    if cls is str:
+        return bool(value)
+    if cls is dict:
+        return bool(value) and "reference" not in value and all(_clean(item) for item in value.values())
+    if cls is list:
+        return bool(value) and all(_clean(item) for item in value)
+    return cls in _SCALARS
+
+
+def _same_step(a: Step, b: Step) -> bool:
+    """Whether two path steps may be the same element (``[*]`` and no index may be any item)."""
+    if a.name != b.name:
+        return False
+    return a.index == b.index or None in (a.index, b.index) or -1 in (a.index, b.index)
+
+
+def _tracked(rules: Sequence[RuleSpec]) -> bool:
+    """Whether the references of a resource made by ``rules`` are the ones its reference rules put:
+    no other rule puts a ``reference``, and none after a reference rule puts a value at its path,
+    above it (which would replace it) or at its ``reference``."""
+    for position, rule in enumerate(rules):
+        if rule.reference is None:
+            if rule.path[-1].name == "reference":
+                return False
+            continue
+        path = rule.path
+        for later in rules[position + 1 :]:
+            steps = later.path
+            above = len(steps) <= len(path) or (len(steps) == len(path) + 1 and steps[-1].name == "reference")
+            if above and all(_same_step(a, b) for a, b in zip(steps, path, strict=False)):
+                return False
+    return True
+
+
+def _is_field(spec: MappingSpec, name: str) -> bool:
+    try:
+        spec.field(name)
+    except KeyError:
+        return False
+    return True
 
 
 @lru_cache(maxsize=4096)
@@ -97,7 +193,7 @@ def _merge(target: dict[str, Any], name: str, value: Any) -> None:
 
 def _put(node: dict[str, Any], path: Sequence[Step], value: Any) -> None:
     """Put ``value`` at ``path`` under ``node``; ``[*]`` steps take one value per element. The value
-    is the resource's own (``Mapper._value``), so it is put without a copy."""
+    is the resource's own (see ``Mapper._resource``), so it is put without a copy."""
     last = len(path) - 1
     for depth, step in enumerate(path):
         if step.index is None:
@@ -132,23 +228,75 @@ def _put(node: dict[str, Any], path: Sequence[Step], value: Any) -> None:
         node = items[step.index]
 
 
+def _put_at(
+    node: dict[str, Any], init: tuple[tuple[str, int | None], ...], name: str, index: int | None, value: Any
+) -> bool:
+    """:func:`_put` for a path without ``[*]``: its steps but the last as (name, index) pairs, and
+    the last one's name and index (worked out once per rule, not per record). True when an index
+    left a gap (an empty object before the item put, for :func:`_prune` to remove)."""
+    gap = False
+    for step, position in init:
+        if position is None:
+            node = node.setdefault(step, {})
+            continue
+        items = node.setdefault(step, [])
+        gap = _grow(items, position) or gap
+        node = items[position]
+    if index is None:
+        current = node.get(name)
+        if isinstance(current, dict) and isinstance(value, dict):
+            current.update(value)
+        else:
+            node[name] = value
+        return gap
+    items = node.setdefault(name, [])
+    gap = _grow(items, index) or gap
+    if isinstance(value, dict) and isinstance(items[index], dict):
+        items[index].update(value)
+    else:
+        items[index] = value
+    return gap
+
+
+def _grow(items: list[Any], position: int) -> bool:
+    """Empty objects appended to ``items`` until it has an item at ``position``; True when that
+    left a gap (an empty object before ``position``)."""
+    gap = len(items) < position
+    while len(items) <= position:
+        items.append({})
+    return gap
+
+
 def _prune(node: dict[str, Any], found: set[str]) -> bool:
     """Remove from ``node`` (in place) the empty objects, lists and strings and the nulls left by
     rules that found nothing; collect the ids of its ``urn:uuid:`` references into ``found`` on the
     way (as :func:`_references` would). False when nothing is left."""
-    empty: list[str] = []
+    empty: list[str] | None = None
     for key, item in node.items():
-        # Scalars are tested here, not in a call: most of a resource's values are.
-        if isinstance(item, dict):
+        # Scalars are tested here, not in a call: most of a resource's values are, strings first;
+        # exact classes before isinstance (the values are plain JSON types but for subclasses).
+        cls = item.__class__
+        if cls is str:
+            if item:
+                continue
+            kept = False
+        elif cls is dict:
+            kept = _prune(item, found)
+        elif cls is list:
+            kept = _prune_items(item, found)
+        elif isinstance(item, dict):
             kept = _prune(item, found)
         elif isinstance(item, list):
             kept = _prune_items(item, found)
         else:
             kept = item is not None and item != ""
         if not kept:
+            if empty is None:
+                empty = []
             empty.append(key)
-    for key in empty:
-        del node[key]
+    if empty is not None:
+        for key in empty:
+            del node[key]
     reference = node.get("reference")
     if isinstance(reference, str) and reference.startswith("urn:uuid:"):
         found.add(reference[9:])
@@ -157,19 +305,26 @@ def _prune(node: dict[str, Any], found: set[str]) -> bool:
 
 def _prune_items(items: list[Any], found: set[str]) -> bool:
     """:func:`_prune` for a list: its empty items removed (in place)."""
-    kept = [
-        item
-        for item in items
-        if (
-            _prune(item, found)
-            if isinstance(item, dict)
-            else _prune_items(item, found)
-            if isinstance(item, list)
-            else item is not None and item != ""
-        )
-    ]
-    if len(kept) < len(items):
-        items[:] = kept
+    rest: list[Any] | None = None  # the items kept, once one is not
+    for position, item in enumerate(items):
+        cls = item.__class__
+        if cls is dict:
+            kept = _prune(item, found)
+        elif cls is str:
+            kept = item != ""
+        elif isinstance(item, dict):
+            kept = _prune(item, found)
+        elif isinstance(item, list):
+            kept = _prune_items(item, found)
+        else:
+            kept = item is not None and item != ""
+        if rest is not None:
+            if kept:
+                rest.append(item)
+        elif not kept:
+            rest = items[:position]
+    if rest is not None:
+        items[:] = rest
     return bool(items)
 
 
@@ -277,10 +432,6 @@ class Mapper:
             for resource in spec.resources
             for rule in resource.rules
         }
-        # Each resource's rules, with whether they repeat ([*]): worked out once, not per record.
-        self._rules: dict[str, tuple[tuple[RuleSpec, bool], ...]] = {
-            resource.key: tuple((rule, rule.repeats) for rule in resource.rules) for resource in spec.resources
-        }
         # Its templates (identities and rules) cut into parts once: they are filled for every record.
         self._templates: dict[str, _Template] = {
             template: _Template.of(template)
@@ -288,6 +439,43 @@ class Mapper:
             for template in (resource.identity, *(rule.template for rule in resource.rules))
             if template is not None
         }
+        # Each resource's rules as :meth:`_resource` runs them: worked out once, not per record.
+        self._rules: dict[str, tuple[_Rule, ...]] = {
+            resource.key: tuple(self._plan(rule) for rule in resource.rules) for resource in spec.resources
+        }
+        # The resources whose references can be collected as their rules put them (see _resource).
+        self._tracked: dict[str, bool] = {resource.key: _tracked(resource.rules) for resource in spec.resources}
+
+    def _plan(self, rule: RuleSpec) -> _Rule:
+        """``rule`` as :meth:`_resource` runs it: what kind of value it takes, from what, and where
+        it puts it."""
+        spec = self.spec
+        when = None if rule.when is None else _when(rule.when)
+        init = tuple((step.name, step.index) for step in rule.path[:-1])
+        last = rule.path[-1]
+        if rule.reference is not None:
+            return _Rule(_REFERENCE, when, rule.repeats, init, last.name, last.index, rule, rule.reference)
+        if rule.template is not None:
+            template = self._templates[rule.template]
+            if all(name in spec.constants and not _is_field(spec, name) for name in template.names):
+                # Constants only (``{ods_system}``): no record can change the text.
+                text = self._render(rule.template, {})
+                return _Rule(_TEXT, when, rule.repeats, init, last.name, last.index, rule, text, _clean(text))
+            return _Rule(_FILL, when, rule.repeats, init, last.name, last.index, rule, template)
+        if rule.helper is not None:
+            return _Rule(_HELPER, when, rule.repeats, init, last.name, last.index, rule, None)
+        if rule.field is not None:
+            head, _, sub = rule.field.partition(".")
+            if rule.lookup is None:
+                return _Rule(_FIELD, when, rule.repeats, init, last.name, last.index, rule, (head, sub))
+            rows = spec.lookups[rule.lookup].rows.values()
+            clean = all(_clean(row) for row in rows)
+            return _Rule(_LOOKUP, when, rule.repeats, init, last.name, last.index, rule, (head, sub), clean)
+        clean = _clean(rule.value)
+        if rule.value.__class__ is dict and not any(isinstance(item, dict | list) for item in rule.value.values()):
+            # A flat object (a Coding): a shallow copy is a whole one.
+            return _Rule(_FLAT, when, rule.repeats, init, last.name, last.index, rule, rule.value, clean)
+        return _Rule(_CONSTANT, when, rule.repeats, init, last.name, last.index, rule, rule.value, clean)
 
     # -- one record ------------------------------------------------------------------------
 
@@ -420,23 +608,19 @@ class Mapper:
         return mapped, references
 
     def _applies(self, when: str | None, values: dict[str, Any]) -> bool:
-        if when is None:
-            return True
-        name, _, expected = when.partition("=")
-        value = values.get(name)
-        if expected:
-            shown = str(value).lower() if isinstance(value, bool) else str(value)
-            return value is not None and shown == expected
-        return value is not None and value != [] and value is not False
+        return when is None or _applies(_when(when), values)
 
     def _render(self, template: str, values: dict[str, Any], used: set[str] | None = None) -> str | None:
         """``template`` with each ``{name}`` replaced by that field's value, else that constant; None
         when a name has neither."""
-        parts = self._templates[template]
+        return self._fill(self._templates[template], values, used)
+
+    def _fill(self, parts: _Template, values: dict[str, Any], used: set[str] | None = None) -> str | None:
+        """:meth:`_render` of a template cut into its parts."""
         constants = self.spec.constants
         text = [parts.literals[0]]
         missing = False
-        for name, head, literal in zip(parts.names, parts.heads, parts.literals[1:], strict=True):
+        for name, head, literal in parts.parts:
             value = values.get(name)
             if value is not None:
                 if used is not None:
@@ -467,59 +651,105 @@ class Mapper:
         used: set[str],
         listed: dict[str, list[str | None]],
     ) -> tuple[MappedResource, set[str]]:
-        """One resource, and the ids of the resources it refers to (``urn:uuid:``)."""
+        """One resource, and the ids of the resources it refers to (``urn:uuid:``). Each rule's
+        value is the resource's own, made for it or copied (a spec's value, a record's list or a
+        helper's result may be shared), put at its path (:func:`_put`)."""
         body: dict[str, Any] = {"resourceType": resource.type, "id": own[1]}
         if resource.profile:
             body["meta"] = {"profile": [resource.profile]}
-        for rule, repeats in self._rules[resource.key]:
-            if rule.when is not None and not self._applies(rule.when, values):
+        value: Any
+        # While every value put is clean (:func:`_clean`) and no index leaves a gap, the resource
+        # needs no pruning and its references are the ones its reference rules put: pruning, a
+        # walk of the whole resource, is only done when a value may have left something to prune.
+        refs: list[str] | None = [] if self._tracked[resource.key] else None
+        for kind, when, repeats, init, name, position, rule, source, clean in self._rules[resource.key]:
+            if when is not None and not _applies(when, values):
                 continue
-            value = self._value(rule, values, ids, used, listed)
+            if kind in (_FIELD, _LOOKUP):
+                field = rule.field
+                head, sub = source
+                if field in values:
+                    used.add(head)
+                    value = values[field]
+                elif sub and isinstance(values.get(head), list):
+                    used.add(head)
+                    value = [item.get(sub) for item in values[head]]
+                else:
+                    continue  # no value: nothing to put
+                if value is None:
+                    continue
+                if kind == _LOOKUP:
+                    lookup = self.spec.lookups[rule.lookup]  # type: ignore[index]
+                    if isinstance(value, list):
+                        value = [None if item is None else _looked_up(lookup, item) for item in value]
+                    else:
+                        value = _looked_up(lookup, value)
+                elif value.__class__ is not str:
+                    value = _copied(value)
+            elif kind == _TEXT:
+                value = source
+            elif kind == _FLAT:
+                value = source.copy()
+            elif kind == _CONSTANT:
+                value = _copied(source)
+            elif kind == _REFERENCE:
+                if source in listed:
+                    value = [None if id is None else {"reference": f"urn:uuid:{id}"} for id in listed[source]]
+                else:
+                    target = ids.get(source)
+                    value = None if target is None else {"reference": f"urn:uuid:{target[1]}"}
+            elif kind == _FILL:
+                value = self._fill(source, values, used)
+            else:
+                value = self._helper(rule, values, used)
             if value is None or value == []:
                 continue
-            if repeats and not isinstance(value, list):
-                value = [value]
-            _put(body, rule.path, value)
+            if refs is not None:
+                cls = value.__class__
+                if kind == _REFERENCE:
+                    if cls is dict:
+                        refs.append(value["reference"][9:])
+                    else:
+                        refs = None  # one per group item, None where an item gives none
+                elif cls is str:
+                    if not value:
+                        refs = None
+                elif cls in _SCALARS:
+                    pass
+                elif kind == _LOOKUP:
+                    if cls is not dict or not clean:
+                        refs = None  # a list (a group's values), or a table with empty rows
+                elif kind not in (_FLAT, _CONSTANT) or not clean:
+                    refs = None  # a record's objects and lists, a helper's: pruned
+            if repeats:
+                _put(body, rule.path, value if isinstance(value, list) else [value])
+                refs = None
+            elif init or position is not None:
+                if _put_at(body, init, name, position, value):
+                    refs = None
+            else:  # one step (``status``), the commonest: _put_at without the call
+                current = body.get(name)
+                if isinstance(current, dict) and isinstance(value, dict):
+                    current.update(value)
+                else:
+                    body[name] = value
+        if refs is not None:
+            return MappedResource(body, own[2], resource.key), set(refs)
         found: set[str] = set()
         _prune(body, found)
         return MappedResource(body, own[2], resource.key), found
 
-    def _value(
-        self,
-        rule: RuleSpec,
-        values: dict[str, Any],
-        ids: dict[str, tuple[str, str, str | None]],
-        used: set[str],
-        listed: dict[str, list[str | None]],
-    ) -> Any:
-        """The value ``rule`` puts for this record: the resource's own, made for it or copied (a
-        spec's value, a record's list or a helper's result may be shared)."""
+    def _helper(self, rule: RuleSpec, values: dict[str, Any], used: set[str]) -> Any:
+        """What the rule's helper gives for the record's values of its arguments (a copy)."""
         spec = self.spec
-        if rule.reference is not None:
-            if rule.reference in listed:
-                return [None if id is None else {"reference": f"urn:uuid:{id}"} for id in listed[rule.reference]]
-            target = ids.get(rule.reference)
-            return None if target is None else {"reference": f"urn:uuid:{target[1]}"}
-        if rule.template is not None:
-            return self._render(rule.template, values, used)
-        if rule.helper is not None:
-            arguments = [
-                spec.constants[name] if name in spec.constants else self._field(name, values, used)
-                for name in rule.args
-            ]
-            try:
-                return _copied(HELPERS[rule.helper](*arguments))
-            except ArgumentError as exc:
-                # The helper names its argument at fault by position; the record's field by name.
-                raise MappingError(exc.message, field=rule.args[exc.argument]) from exc
-        if rule.field is not None:
-            value = self._field(rule.field, values, used)
-            if value is None or rule.lookup is None:
-                return _copied(value)
-            if isinstance(value, list):
-                return [None if item is None else _lookup_value(spec, rule.lookup, item) for item in value]
-            return _lookup_value(spec, rule.lookup, value)
-        return _copied(rule.value)
+        arguments = [
+            spec.constants[name] if name in spec.constants else self._field(name, values, used) for name in rule.args
+        ]
+        try:
+            return _copied(HELPERS[rule.helper](*arguments))  # type: ignore[index]
+        except ArgumentError as exc:
+            # The helper names its argument at fault by position; the record's field by name.
+            raise MappingError(exc.message, field=rule.args[exc.argument]) from exc
 
     def _field(self, name: str, values: dict[str, Any], used: set[str]) -> Any:
         if name in values:

@@ -25,6 +25,10 @@ _NAMESPACE_BYTES = NAMESPACE.bytes
 # none of them special to a search): most systems and values (URLs, NHS numbers, ODS codes).
 _PLAIN_SYSTEM = re.compile(r"[A-Za-z0-9_.~:/-]*")
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.~-]*")
+# Plain text with slashes and spaces: only these two change, percent-encoded.
+_PATH_VALUE = re.compile(r"[A-Za-z0-9_.~/ -]*")
+# The first hex digit of a UUID's clock_seq_hi_and_reserved with the variant bits set to 10.
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 def identity(system: str, value: str) -> str:
@@ -35,12 +39,19 @@ def identity(system: str, value: str) -> str:
     if not _PLAIN_SYSTEM.fullmatch(system):
         system = quote(escape(system), safe=":/")
     if not _PLAIN_VALUE.fullmatch(value):
-        value = quote(escape(value), safe="")
+        if _PATH_VALUE.fullmatch(value):
+            # What quote(escape(value), safe="") gives for local ids such as "REF-1/consent".
+            value = value.replace("/", "%2F").replace(" ", "%20")
+        else:
+            value = quote(escape(value), safe="")
     return f"identifier={system}|{value}"
 
 
 def deterministic_id(type: str, key: str) -> str:
     """The id of the ``type`` resource whose business identity is ``key`` (usually :func:`identity`)."""
-    # uuid.uuid5(NAMESPACE, name), without working out the namespace's bytes again on every call.
-    digest = hashlib.sha1(_NAMESPACE_BYTES + f"{type}?{key}".encode()).digest()
-    return str(uuid.UUID(bytes=digest[:16], version=5))
+    # str(uuid.uuid5(NAMESPACE, name)) written from the SHA-1 digest's hex (RFC 9562 section 5.5):
+    # the first 128 bits, the version nibble set to 5 and the variant's two top bits to 10, without
+    # a UUID object or the namespace's bytes worked out on every call.
+    hex = hashlib.sha1(_NAMESPACE_BYTES + f"{type}?{key}".encode()).hexdigest()
+    variant = _VARIANT[hex[16]]
+    return f"{hex[:8]}-{hex[8:12]}-5{hex[13:16]}-{variant}{hex[17:20]}-{hex[20:32]}"

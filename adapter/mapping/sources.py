@@ -251,7 +251,13 @@ def _xml(spec: MappingSpec, stream: IO[bytes], sample: bytes) -> Iterator[RawRec
 
 def _json_values(data: dict[str, Any], spec_field: FieldSpec) -> list[Any]:
     value: Any = None
-    for path in (spec_field.path or spec_field.name, *spec_field.aliases):
+    first = spec_field.path or spec_field.name
+    if "." not in first:
+        # Most values are found under the first name: no tuple of the names, no loop.
+        value = data.get(first)
+        if value is not None:
+            return value if isinstance(value, list) else [value]
+    for path in (first, *spec_field.aliases):
         if "." not in path:
             value = data.get(path)  # most paths are one key: no split
         else:
@@ -374,6 +380,32 @@ def convert(spec: MappingSpec, spec_field: FieldSpec, raw: Any, number: int, nam
     raise _fail(f"{shown!r} is not a date in the form {' or '.join(spec_field.formats)}", number, name)
 
 
+#: Values :func:`convert` gave, by (id of the field, source text), with the spec and the field the
+#: ids are of: an export repeats its codes, dates and organisations record after record.
+_CONVERTED: dict[tuple[int, str], tuple[MappingSpec, FieldSpec, Any]] = {}
+_CONVERTED_MAX = 20_000
+#: Kinds whose conversion is worth remembering (not free text or NHS numbers: mostly different in
+#: every record).
+_REMEMBERED = frozenset(("code", "date", "datetime", "boolean", "ods-code", "integer", "decimal"))
+
+
+def _converted(spec: MappingSpec, spec_field: FieldSpec, raw: Any, number: int, name: str) -> Any:
+    """:func:`convert`, remembered (bounded) for source text of the kinds above. Only values are
+    remembered (immutable: strings, booleans, numbers); a value that breaks the spec is refused
+    again each time, naming its record."""
+    if raw.__class__ is not str or spec_field.type not in _REMEMBERED:
+        return convert(spec, spec_field, raw, number, name)
+    key = (id(spec_field), raw)
+    known = _CONVERTED.get(key)
+    if known is not None and known[0] is spec and known[1] is spec_field:
+        return known[2]
+    value = convert(spec, spec_field, raw, number, name)
+    if len(_CONVERTED) >= _CONVERTED_MAX:
+        _CONVERTED.clear()
+    _CONVERTED[key] = (spec, spec_field, value)
+    return value
+
+
 @lru_cache(maxsize=4096)
 def _strptime(text: str, fmt: str) -> datetime | None:
     """``datetime.strptime``, or None when ``text`` is not in the form ``fmt``. Cached (bounded): an
@@ -407,7 +439,7 @@ def _field_values(
                     typed[sub.name] = value
             items.append(typed)
         return items
-    typed_values = [convert(spec, spec_field, raw, number, name) for raw in raws]
+    typed_values = [_converted(spec, spec_field, raw, number, name) for raw in raws]
     if spec_field.repeats:
         return typed_values
     if len(typed_values) > 1:
@@ -429,12 +461,8 @@ def extract(spec: MappingSpec, raw: RawRecord) -> Record:
             values[spec_field.name] = value
     unused = list(raw.extra)
     if isinstance(raw.data, dict) and not raw.extra:
-        declared = {
-            part
-            for spec_field in spec.fields
-            for part in ((spec_field.path or spec_field.name).split(".")[0], *spec_field.aliases)
-        }
-        unused = [key for key, value in raw.data.items() if key not in declared and value not in (None, "", [], {})]
+        keys = spec.json_keys
+        unused = [key for key, value in raw.data.items() if key not in keys and value not in (None, "", [], {})]
     elif isinstance(raw.data, etree._Element):
         declared = {spec_field.path or spec_field.name for spec_field in spec.fields}
         unused = list(

@@ -74,14 +74,20 @@ class Lookup:
     columns: tuple[str, ...]
     rows: dict[str, dict[str, str]]
     reverse: dict[tuple[str, ...], str]
+    #: :meth:`canonical` of each source value as ``rows`` holds it, worked out once: the records'
+    #: values are checked against it one by one.
+    canonicals: dict[str, str | None] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        canonicals = {key: self.source_for(target) for key, target in self.rows.items()}
+        object.__setattr__(self, "canonicals", canonicals)
 
     def __call__(self, value: str) -> dict[str, str] | None:
         return self.rows.get(value.strip().lower())
 
     def canonical(self, value: str) -> str | None:
         """The first source value of the FHIR value ``value`` stands for (``F`` -> ``Female``)."""
-        target = self(value)
-        return None if target is None else self.source_for(target)
+        return self.canonicals.get(value.strip().lower())
 
     def source_for(self, target: dict[str, str]) -> str | None:
         return self.reverse.get(tuple(target.get(column, "") for column in self.columns))
@@ -185,6 +191,17 @@ class MappingSpec:
     output: Literal["transaction", "document"] = "transaction"
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    #: The keys of a JSON record that its fields read (the first key of each path or name, and the
+    #: aliases): the record's other keys are its unused fields. Worked out once, not per record.
+    json_keys: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        keys = frozenset(
+            part
+            for spec_field in self.fields
+            for part in ((spec_field.path or spec_field.name).split(".")[0], *spec_field.aliases)
+        )
+        object.__setattr__(self, "json_keys", keys)
 
     def field(self, name: str) -> FieldSpec:
         head, _, rest = name.partition(".")

@@ -127,6 +127,7 @@ class Rule:
     _profiles: tuple[str, ...] | None = None
     _targets: tuple[str, ...] | None = None
     _checks_items: bool | None = None
+    _checks_values: bool | None = None
 
     def type_codes(self) -> frozenset[str]:
         if self._codes is None:
@@ -162,17 +163,22 @@ class Rule:
             )
         return self._checks_items
 
+    def checks_values(self) -> bool:
+        """Whether the rule has a fixed or pattern value, a binding, a length or a range to check."""
+        if self._checks_values is None:
+            self._checks_values = (
+                self.fixed is not _UNSET
+                or self.pattern is not _UNSET
+                or self.binding is not None
+                or self.max_length is not None
+                or self.min_value is not _UNSET
+                or self.max_value is not _UNSET
+            )
+        return self._checks_values
+
     def _constrains_values(self) -> bool:
         """Whether the rule constrains the values themselves: fixed, pattern, binding, length, range, invariants."""
-        return (
-            self.fixed is not _UNSET
-            or self.pattern is not _UNSET
-            or self.binding is not None
-            or self.max_length is not None
-            or self.min_value is not _UNSET
-            or self.max_value is not _UNSET
-            or bool(self.constraints)
-        )
+        return self.checks_values() or bool(self.constraints)
 
 
 @dataclass(slots=True)
@@ -189,6 +195,10 @@ class _Group:
     required: bool = False
     #: Whether its rule or one of its slices is mustSupport (reported when absent, on request).
     must_support: bool = False
+    #: Whether an absent element has nothing to check, without and with mustSupport reporting
+    #: (not required, not a choice element, and for the second not mustSupport).
+    optional: bool = False
+    optional_ms: bool = False
     #: Whether the element's own rule can raise an issue, without and with mustSupport reporting.
     rule_live: bool = True
     rule_live_ms: bool = True
@@ -415,6 +425,8 @@ def _prepare(profile: CompiledProfile) -> None:
             group.choice = group.name.endswith("[x]")
             if group.choice:
                 group.suffixes = _choices().get(group.name[:-3], {})
+            group.optional = not group.required and not group.choice
+            group.optional_ms = group.optional and not group.must_support
 
     def live(group: _Group, must_support: bool) -> bool:
         # Slices always count: matching them marks extensions as checked, and slicing has rules.
@@ -515,10 +527,21 @@ def _codes(value: Any) -> list[tuple[str | None, str]]:
         return [(None, value)]
     if isinstance(value, dict):
         if "coding" in value:
-            return [(c.get("system"), c["code"]) for c in value.get("coding") or () if isinstance(c.get("code"), str)]
-        if isinstance(value.get("code"), str):
+            # Codings of the wrong shape (not an array, an item not an object, a system or code not
+            # a string) are the structural walk's to report; here they match no code.
+            codings = value.get("coding")
+            if not isinstance(codings, list):
+                return []
+            return [(c.get("system"), c["code"]) for c in codings if isinstance(c, dict) and _coded(c)]
+        if _coded(value):
             return [(value.get("system"), value["code"])]
     return []
+
+
+def _coded(value: dict[str, Any]) -> bool:
+    """Whether ``value`` has a string ``code`` and a string ``system`` or none."""
+    system = value.get("system")
+    return isinstance(value.get("code"), str) and (system is None or isinstance(system, str))
 
 
 class ProfileValidator:
@@ -545,6 +568,8 @@ class ProfileValidator:
         self.structural = structural or StructuralValidator()
         self._compiled: dict[str, CompiledProfile | ProfileError] = {}
         self._extension_urls: list[str] | None = None
+        #: :meth:`_Run.context_of` by (root resource type, element path).
+        self.contexts: dict[tuple[str, str], tuple[str | None, str | None, str | None]] = {}
 
     def profile(self, url: str) -> CompiledProfile:
         found = self._compiled.get(url)
@@ -629,6 +654,8 @@ class _Run:
         self.not_checked: set[str] = set()
         # Whether each reference target tried against a profile is free of R4 errors, by id().
         self.valid_targets: dict[int, tuple[dict[str, Any], bool]] = {}
+        # The FHIRPath environment of each resource whose invariants are checked, by id() (:meth:`env`).
+        self.envs: dict[int, tuple[Any, fhirpath.Env]] = {}
         if root.get("resourceType") == "Bundle":
             resolve = fhirpath.bundle_resolver(root)
         self.resolve: Callable[[str], dict[str, Any] | None] | None = resolve
@@ -747,11 +774,9 @@ class _Run:
         must_support = self.v.must_support
         for group in groups:
             if (
-                not group.required
-                and not (group.must_support and must_support)
+                (group.optional_ms if must_support else group.optional)
                 and group.name not in node
                 and group.underscore not in node
-                and not group.choice
             ):
                 continue  # absent, and nothing asks for it: nothing to check
             items = _items(node, group, where)
@@ -974,6 +999,11 @@ class _Run:
         if not items or not rule.checks_items():
             return
         codes = rule.type_codes()
+        # What the rule checks of each value, looked up once for all the items.
+        checks_values = rule.checks_values()
+        constraints = rule.constraints
+        profiles = rule.profiles()
+        targets = rule.target_profiles()
         for item in items:
             value = item.value
             if codes and item.type is not None and item.type not in codes and element != profile.type:
@@ -984,30 +1014,34 @@ class _Run:
                     item.where,
                     label,
                 )
-            if rule.fixed is not _UNSET and not _equal(value, rule.fixed):
-                self.add("error", "value", f"{element}: must be exactly {_show(rule.fixed)}", item.where, label)
-            if rule.pattern is not _UNSET and not _contains(value, rule.pattern):
-                self.add(
-                    "error", "value", f"{element}: must match the pattern {_show(rule.pattern)}", item.where, label
-                )
-            if rule.binding is not None and value is not None:
-                self.binding(rule, value, item.where, label)
-            if rule.max_length is not None and isinstance(value, str) and len(value) > rule.max_length:
-                self.add("error", "too-long", f"{element}: longer than {rule.max_length} characters", item.where, label)
-            if rule.min_value is not _UNSET and _below(value, rule.min_value):
-                self.add("error", "value", f"{element}: below the minimum {rule.min_value}", item.where, label)
-            if rule.max_value is not _UNSET and _below(rule.max_value, value):
-                self.add("error", "value", f"{element}: above the maximum {rule.max_value}", item.where, label)
-            for constraint in rule.constraints.values():
-                self.invariant(constraint, item, resource, label, element)
-            if isinstance(value, dict):
-                for url in rule.profiles():
+            if checks_values:
+                self.values(rule, value, item.where, label)
+            if constraints:
+                for constraint in constraints.values():
+                    self.invariant(constraint, item, resource, label, element)
+            if (profiles or targets) and isinstance(value, dict):
+                for url in profiles:
                     if element == profile.type:
                         continue
                     self.datatype_profile(url, item, label)
-                targets = rule.target_profiles()
                 if targets and "reference" in value:
                     self.reference(targets, value, item.where, label, element)
+
+    def values(self, rule: Rule, value: Any, where: str, label: str) -> None:
+        """The checks of one value against the rule's fixed and pattern values, binding, length and range."""
+        element = rule.id
+        if rule.fixed is not _UNSET and not _equal(value, rule.fixed):
+            self.add("error", "value", f"{element}: must be exactly {_show(rule.fixed)}", where, label)
+        if rule.pattern is not _UNSET and not _contains(value, rule.pattern):
+            self.add("error", "value", f"{element}: must match the pattern {_show(rule.pattern)}", where, label)
+        if rule.binding is not None and value is not None:
+            self.binding(rule, value, where, label)
+        if rule.max_length is not None and isinstance(value, str) and len(value) > rule.max_length:
+            self.add("error", "too-long", f"{element}: longer than {rule.max_length} characters", where, label)
+        if rule.min_value is not _UNSET and _below(value, rule.min_value):
+            self.add("error", "value", f"{element}: below the minimum {rule.min_value}", where, label)
+        if rule.max_value is not _UNSET and _below(rule.max_value, value):
+            self.add("error", "value", f"{element}: above the maximum {rule.max_value}", where, label)
 
     def binding(self, rule: Rule, value: Any, where: str, label: str) -> None:
         binding = rule.binding or {}
@@ -1038,11 +1072,20 @@ class _Run:
             severity, "code-invalid", f"{rule.id}: {shown} is not in {value_set} ({strength} binding)", where, label
         )
 
+    def env(self, resource: Any) -> fhirpath.Env:
+        """The FHIRPath environment of the invariants checked on ``resource`` (%resource) in this
+        run: one per resource, as :class:`fhirpath.Env` asks (it caches per-resource work)."""
+        known = self.envs.get(id(resource))
+        if known is None:
+            env = fhirpath.Env(resource=resource, root_resource=self.root, resolve=self.resolve)
+            # The resource is kept with its Env: its id() cannot be reused while the run lasts.
+            known = self.envs[id(resource)] = (resource, env)
+        return known[1]
+
     def invariant(self, constraint: dict[str, Any], item: _Item, resource: Any, label: str, element: str) -> None:
         try:
             compiled = fhirpath.compile_expression(constraint["expression"])
-            env = fhirpath.Env(resource=resource, root_resource=self.root, resolve=self.resolve)
-            result = compiled.test(item.fhirpath_value, env)
+            result = compiled.test(item.fhirpath_value, self.env(resource))
         except fhirpath.FHIRPathError as exc:
             self.add(
                 "warning",
@@ -1079,8 +1122,8 @@ class _Run:
         (https://hl7.org/fhir/R4/defining-extensions.html#context)."""
         if not profile.context or self.probing:
             return
-        host = re.sub(r"\.(?:modifierExtension|extension)\[\d+\]$", "", where)
-        path, type, datatype_path = _context_of(self.root, host)
+        host = _EXTENSION_STEP.sub("", where)
+        path, type, datatype_path = self.context_of(host)
         if path is None:
             return
         allowed = [c.get("expression") for c in profile.context if c.get("type") in ("element", None)]
@@ -1103,6 +1146,23 @@ class _Run:
                 where,
                 label,
             )
+
+    def context_of(self, host: str) -> tuple[str | None, str | None, str | None]:
+        """:func:`_context_of` the run's root. Without a resource inside the path (a Bundle entry,
+        a contained resource) it depends on the root's type and the path only: the same for every
+        resource of the type, so it is worked out once (bounded)."""
+        root = self.root
+        root_type = root.get("resourceType") if isinstance(root, dict) else None
+        if not isinstance(root_type, str) or "resource" in host or "contained" in host:
+            return _context_of(root, host)
+        contexts = self.v.contexts
+        key = (root_type, host)
+        found = contexts.get(key)
+        if found is None:
+            if len(contexts) >= 10_000:
+                contexts.clear()
+            found = contexts[key] = _context_of(root, host)
+        return found
 
     def reference(self, targets: Sequence[str], value: dict[str, Any], where: str, label: str, element: str) -> None:
         text = value.get("reference")
@@ -1192,6 +1252,8 @@ def _written(path: _Link) -> str:
 
 
 _STEP = re.compile(r"\.?([A-Za-z_]+)(?:\[(\d+)\])?(?:\.ofType\(([A-Za-z]+)\))?")
+# The last step of an extension's path: what is left is the path of the element it extends.
+_EXTENSION_STEP = re.compile(r"\.(?:modifierExtension|extension)\[\d+\]$")
 
 
 def _child(node: Any, name: str, index: str) -> Any:

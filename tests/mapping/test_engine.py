@@ -453,3 +453,174 @@ def test_records_cross_to_and_from_a_worker_process_whole() -> None:
                 before.error.field,
                 before.error.expression,
             )
+
+
+_IDENTITY_TEXT = st.one_of(st.text(max_size=30), st.text(alphabet="Ab9_.~:/ -|,$\\%é+&", max_size=30))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_IDENTITY_TEXT, _IDENTITY_TEXT)
+def test_identities_and_ids_are_percent_encoded_searches_and_uuid5(system: str, value: str) -> None:
+    """The identity's short ways (plain text, local ids with slashes and spaces) give what the
+    search escape and percent-encoding give, and the id is uuid5 of type and identity (#5)."""
+    import uuid
+    from urllib.parse import quote
+
+    from adapter.mapping.ids import NAMESPACE
+    from adapter.search.query import escape
+
+    key = identity(system, value)
+    assert key == f"identifier={quote(escape(system), safe=':/')}|{quote(escape(value), safe='')}"
+    assert deterministic_id("Patient", key) == str(uuid.uuid5(NAMESPACE, f"Patient?{key}"))
+
+
+def test_rule_values_are_copied_merged_and_pruned_per_record(tmp_path: Path) -> None:
+    """A spec's object is copied into each resource (a later rule's field merged into it changes
+    neither the spec nor the next record), a gap left by an index is pruned, and a template name
+    that is a group's sub-field takes the item's value even where a constant has that name (#5)."""
+    coding = {"system": "https://example.org/codes", "code": "x"}
+    spec = _Reader(
+        tmp_path / "mapping.yaml",
+        {
+            "source": {"format": "json"},
+            "constants": {"items.code": "from-the-constant"},
+            "fields": {
+                "id": {"type": "string", "required": True},
+                "code": {"type": "string"},
+                "note": {"type": "string"},
+                "items": {"type": "group", "fields": {"code": {"type": "string", "required": True}}},
+            },
+            "resources": {
+                "basic": {
+                    "type": "Basic",
+                    "identity": "https://example.org/ids|{id}",
+                    "rules": [
+                        {"path": "code", "value": {"text": "from the spec"}},
+                        {"path": "code.text", "field": "code"},
+                        {"path": "code.coding[0]", "value": dict(coding)},
+                        {"path": "code.coding[2].display", "field": "note"},
+                    ],
+                },
+                "item": {
+                    "type": "Basic",
+                    "for_each": "items",
+                    "identity": "https://example.org/items|{id}/{items.code}",
+                    "rules": [
+                        {"path": "code.coding[0]", "value": dict(coding)},
+                        {"path": "code.text", "template": "{items.code}"},
+                    ],
+                },
+            },
+        },
+    ).spec()
+    mapper = Mapper(spec, VALIDATOR)
+    first, second = (
+        mapper.map(RawRecord(number, data))
+        for number, data in enumerate(
+            [{"id": "1", "code": "a", "note": "n", "items": [{"code": "i1"}]}, {"id": "2", "items": []}], start=1
+        )
+    )
+    assert first.error is None and second.error is None, (first.error, second.error)
+    basic, item = (entry.resource for entry in first.resources)
+    assert basic["code"] == {"text": "a", "coding": [coding, {"display": "n"}]}
+    assert item["code"] == {"coding": [coding], "text": "i1"}
+    [again] = (entry.resource for entry in second.resources)
+    assert again["code"] == {"text": "from the spec", "coding": [coding]}
+    assert spec.resources[0].rules[0].value == {"text": "from the spec"}
+
+
+def test_built_resources_need_no_more_pruning_and_all_their_references_are_found(tmp_path: Path) -> None:
+    """A resource whose rules put only values with nothing to prune skips the pruning walk and
+    takes its references from its reference rules (#5): however each resource was made, pruning it
+    again changes nothing and finds the references the build reported."""
+    import copy
+
+    from adapter.mapping.base import MappingError
+    from adapter.mapping.engine import _prune
+    from bench.map import write_inputs
+    from tests.mapping.golden import cases
+
+    sources = [(case.parent.parent.name, next(case.glob("input.*"))) for case in cases()]
+    sources += [(name, path) for name, path in write_inputs(tmp_path, 40).items()]
+    checked = 0
+    for name, source in sources:
+        spec = load(name)
+        if spec.build is not None:
+            continue
+        mapper = Mapper(spec, VALIDATOR)
+        with source.open("rb") as handle:
+            for raw in read_records(spec, handle, name=source.name):
+                try:
+                    mapped, references = mapper._build(extract(spec, raw))
+                except MappingError:
+                    continue
+                for item in mapped.resources:
+                    found: set[str] = set()
+                    again = copy.deepcopy(item.resource)
+                    _prune(again, found)
+                    assert again == item.resource
+                    if item.resource["id"] in references:  # else filled from another (_merged)
+                        assert found == references[item.resource["id"]], item.resource
+                        checked += 1
+    assert checked > 500
+
+
+def test_what_rules_leave_empty_is_pruned_and_references_put_by_any_rule_are_found(tmp_path: Path) -> None:
+    """The values that may leave something to prune (a group's values with a blank, an empty
+    string) are pruned, a reference put by a template counts as one, and one that a later rule
+    replaced does not (#5)."""
+    spec = _Reader(
+        tmp_path / "mapping.yaml",
+        {
+            "source": {"format": "json"},
+            "fields": {
+                "id": {"type": "string", "required": True},
+                "items": {"type": "group", "fields": {"code": {"type": "string"}, "n": {"type": "string"}}},
+            },
+            "resources": {
+                "other": {
+                    "type": "Basic",
+                    "identity": "https://example.org/others|{id}",
+                    "rules": [{"path": "code.text", "value": "other"}],
+                },
+                "thing": {
+                    "type": "Basic",
+                    "identity": "https://example.org/things|{id}",
+                    "rules": [
+                        {"path": "code.text", "field": "id"},
+                        {"path": "note", "field": "items.code"},
+                        {"path": "author", "reference": "other"},
+                    ],
+                },
+                "blank": {
+                    "type": "Basic",
+                    "identity": "https://example.org/blanks|{id}",
+                    "rules": [{"path": "code.text", "field": "id"}, {"path": "blank", "value": ""}],
+                },
+                "linked": {
+                    "type": "Basic",
+                    "identity": "https://example.org/linked|{id}",
+                    "rules": [{"path": "subject.reference", "template": "urn:uuid:{id}"}],
+                },
+                "replaced": {
+                    "type": "Basic",
+                    "identity": "https://example.org/replaced|{id}",
+                    "rules": [{"path": "author", "reference": "other"}, {"path": "author", "value": "no one"}],
+                },
+            },
+        },
+    ).spec()
+    record = extract(spec, RawRecord(1, {"id": "1", "items": [{"code": "i1"}, {"n": "x"}]}))
+    mapped, references = Mapper(spec, VALIDATOR)._build(record)
+    other, thing, blank, linked, replaced = (item.resource for item in mapped.resources)
+    assert replaced["author"] == "no one" and references[replaced["id"]] == set()
+    assert thing == {
+        "resourceType": "Basic",
+        "id": thing["id"],
+        "code": {"text": "1"},
+        "note": ["i1"],
+        "author": {"reference": f"urn:uuid:{other['id']}"},
+    }
+    assert references[thing["id"]] == {other["id"]}
+    assert blank == {"resourceType": "Basic", "id": blank["id"], "code": {"text": "1"}}
+    assert linked["subject"] == {"reference": "urn:uuid:1"} and references[linked["id"]] == {"1"}

@@ -67,3 +67,18 @@ def test_one_defect_is_caught_at_its_place(validator: ProfileValidator, case: di
     broken = jsonpatch.apply_patch(example(case["example"]), case["patch"])
     errors = [(i.expression, i.diagnostics) for i in validator.validate(broken) if i.is_error]
     assert any(where == case["expression"] and case["message"] in message for where, message in errors), errors
+
+
+@pytest.mark.parametrize(
+    "coding",
+    [["not-a-coding"], {"system": "http://snomed.info/sct", "code": "1"}, [{"system": ["a"], "code": "c"}]],
+)
+def test_a_coding_of_the_wrong_shape_is_an_issue_not_a_crash(validator: ProfileValidator, coding: Any) -> None:
+    """A binding's check read such codings with ``.get`` and a set lookup: AttributeError or
+    TypeError (unhashable) instead of the structural walk's error."""
+    resource = example("ServiceRequest-sp-referral-1.json")
+    resource["code"]["coding"] = coding
+    errors = [issue for issue in validator.validate(resource) if issue.severity == "error"]
+    assert any(
+        issue.code == "structure" and issue.expression.startswith("ServiceRequest.code.coding") for issue in errors
+    )
