@@ -433,3 +433,39 @@ def test_a_late_discard_of_a_broken_pool_leaves_the_new_one_running() -> None:
         assert pool.submit("sp-outcomes", []).result(timeout=60) is not None and pool.executor is fresh
     finally:
         pool.close()
+
+
+def test_storing_waits_for_full_windows_until_the_last_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records are stored a window at a time while more than a window is still to be mapped; after
+    that each chunk is stored as it comes, so the request's tail (storing after the last chunk is
+    mapped, with the worker idle) is one chunk, not up to a window."""
+    from adapter.mapping.base import MappedResource
+    from adapter.mapping.engine import MappedRecord
+    from adapter.mapping.run import Summary
+
+    monkeypatch.setattr(ingest_module, "_WINDOW", 8)
+    windows: list[int] = []
+
+    class Store:
+        async def transactions(self, groups: list[Any]) -> list[Any]:
+            windows.append(len(groups))
+            return [[] for _ in groups]
+
+    storing = ingest_module._Storing(Store(), Summary("sp-referral", "test"))  # type: ignore[arg-type]
+
+    def chunk(start: int) -> list[MappedRecord]:
+        return [
+            MappedRecord(n, [MappedResource({"resourceType": "Basic", "id": f"b{n}"})]) for n in range(start, start + 3)
+        ]
+
+    async def run() -> None:
+        # 15 records in chunks of 3: 12, 9, 6, 3 and 0 still to come after each.
+        for start, coming in [(0, 12), (3, 9), (6, 6), (9, 3), (12, 0)]:
+            await storing.take(chunk(start), coming)
+        await storing.finish()
+
+    asyncio.run(run())
+    # A full window of 8 once 9 records were in (6 still to come is less than a window: the 1 left
+    # over and each later chunk go at once), and nothing left for finish().
+    assert windows == [8, 1, 3, 3]
+    assert storing.records == 15
