@@ -63,23 +63,16 @@ def _settle_memory() -> None:
     """Load what every request needs (the R4 types, the bundled profiles), then move everything alive
     into the collector's permanent generation: the garbage collector then no longer walks the large,
     long-lived model on every full collection, which otherwise shows as latency spikes under load
-    (https://docs.python.org/3/library/gc.html#gc.freeze); and collect less often."""
-    import gc
-
+    (https://docs.python.org/3/library/gc.html#gc.freeze); and collect less often
+    (:mod:`adapter.memory`)."""
     from adapter.fhir import model
+    from adapter.memory import collect_for_bulk_work
     from adapter.validation.bundled import bundled_packages
 
     for type in ("Patient", "ServiceRequest", "Task", "Observation", "Bundle", "OperationOutcome"):
         model.type_model(type)
     bundled_packages()
-    gc.collect()
-    gc.freeze()
-    # A request allocates thousands of short-lived objects (parsed JSON, issues), which reference
-    # counting frees, and $ingest holds tens of thousands alive for a while (each chunk of mapped
-    # records until it is stored): a young collection walks every live one, and at 10,000 net
-    # allocations one came after every chunk. At 200,000: collections in $ingest 85 -> 28 µs of CPU
-    # per record (gc.callbacks, 9,000 records; 700, Python's default, is costlier still).
-    gc.set_threshold(200_000, 10, 10)
+    collect_for_bulk_work(freeze=True)
 
 
 def app_factory() -> FastAPI:

@@ -246,20 +246,19 @@ def decode(data: bytes) -> list[MappedRecord]:
     collecting = gc.isenabled()
     gc.disable()
     try:
-        items = pickle.loads(data)
+        return [
+            MappedRecord(
+                number,
+                [MappedResource(resource, if_none_exist, key) for resource, if_none_exist, key in resources],
+                None if error is None else MappingError(error[0], record=error[1], field=error[2]),
+                unused,
+                defaults,
+            )
+            for number, resources, error, unused, defaults in pickle.loads(data)
+        ]
     finally:
         if collecting:
             gc.enable()
-    return [
-        MappedRecord(
-            number,
-            [MappedResource(resource, if_none_exist, key) for resource, if_none_exist, key in resources],
-            None if error is None else MappingError(error[0], record=error[1], field=error[2]),
-            unused,
-            defaults,
-        )
-        for number, resources, error, unused, defaults in items
-    ]
 
 
 def can_cross(raws: list[RawRecord]) -> bool:
