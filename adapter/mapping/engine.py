@@ -243,11 +243,7 @@ def _put_at(
         gap = _grow(items, position) or gap
         node = items[position]
     if index is None:
-        current = node.get(name)
-        if isinstance(current, dict) and isinstance(value, dict):
-            current.update(value)
-        else:
-            node[name] = value
+        _merge(node, name, value)
         return gap
     items = node.setdefault(name, [])
     gap = _grow(items, index) or gap
@@ -727,7 +723,7 @@ class Mapper:
             elif init or position is not None:
                 if _put_at(body, init, name, position, value):
                     refs = None
-            else:  # one step (``status``), the commonest: _put_at without the call
+            else:  # one step (``status``), the commonest: _merge without the call
                 current = body.get(name)
                 if isinstance(current, dict) and isinstance(value, dict):
                     current.update(value)

@@ -387,13 +387,15 @@ _CONVERTED_MAX = 20_000
 #: Kinds whose conversion is worth remembering (not free text or NHS numbers: mostly different in
 #: every record).
 _REMEMBERED = frozenset(("code", "date", "datetime", "boolean", "ods-code", "integer", "decimal"))
+#: Longer source text is converted every time: the cache's size stays bounded in bytes too.
+_REMEMBERED_LENGTH = 64
 
 
 def _converted(spec: MappingSpec, spec_field: FieldSpec, raw: Any, number: int, name: str) -> Any:
     """:func:`convert`, remembered (bounded) for source text of the kinds above. Only values are
     remembered (immutable: strings, booleans, numbers); a value that breaks the spec is refused
     again each time, naming its record."""
-    if raw.__class__ is not str or spec_field.type not in _REMEMBERED:
+    if raw.__class__ is not str or len(raw) > _REMEMBERED_LENGTH or spec_field.type not in _REMEMBERED:
         return convert(spec, spec_field, raw, number, name)
     key = (id(spec_field), raw)
     known = _CONVERTED.get(key)

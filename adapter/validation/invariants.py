@@ -35,7 +35,6 @@ __all__ = [
     "NATIVE",
     "NOT_EVALUATED",
     "Check",
-    "InvariantChecker",
     "Runner",
     "checks_for",
     "elements_for",
@@ -138,14 +137,6 @@ def checks_for(elements: tuple[ElementDef, ...], names: dict[str, str] | None) -
     return tuple(out)
 
 
-class InvariantChecker:
-    """Evaluates compiled invariants; one instance per validator (stateless between resources)."""
-
-    def check(self, node: Any, checks: tuple[Check, ...], path: Path, env: Env, issues: list[Issue]) -> None:
-        """Evaluate ``checks`` (see :func:`checks_for`) on ``node``."""
-        _check(node, checks, path, env, issues)
-
-
 def _check(node: Any, checks: tuple[Check, ...], path: Path, env: Env, issues: list[Issue]) -> None:
     for key, severity, message, fn, keys, absent in checks:
         if keys is not None and keys.isdisjoint(node):
@@ -170,10 +161,10 @@ RunFn = Callable[[Any, Path, Env, list[Issue]], None]
 
 class Runner:
     """The invariants of one context as one call: ``runner.run(node, path, env, issues)`` does what
-    :meth:`InvariantChecker.check` does with the same checks, in the same order.
+    evaluating the checks one by one in a loop (:func:`_check`) does, in the same order.
 
     The walk calls it on every node of the context (366,000 calls on the R4 examples, 4 checks
-    each on average), so after a few calls through the loop of ``check`` the checks are unrolled
+    each on average), so after a few calls through that loop the checks are unrolled
     into generated Python code: the absent-element test of a check becomes ``'min' in node or
     '_min' in node`` (``keys.isdisjoint(node)`` for many keys), a check whose result when absent
     is not False is skipped, and each evaluation has its own ``try``. ``node`` must be a JSON

@@ -527,8 +527,9 @@ def _codes(value: Any) -> list[tuple[str | None, str]]:
         return [(None, value)]
     if isinstance(value, dict):
         if "coding" in value:
-            # Codings of the wrong shape (not an array, an item not an object, a system or code not
-            # a string) are the structural walk's to report; here they match no code.
+            # Codings of the wrong shape (not an array, an item not an object, a code not a string,
+            # an array or object for system) are the structural walk's to report; here they match
+            # no code. (A number or boolean system stays: it is in no value set, code-invalid.)
             codings = value.get("coding")
             if not isinstance(codings, list):
                 return []
@@ -539,9 +540,9 @@ def _codes(value: Any) -> list[tuple[str | None, str]]:
 
 
 def _coded(value: dict[str, Any]) -> bool:
-    """Whether ``value`` has a string ``code`` and a string ``system`` or none."""
-    system = value.get("system")
-    return isinstance(value.get("code"), str) and (system is None or isinstance(system, str))
+    """Whether ``value`` has a string ``code`` and a ``system`` a value set lookup can take (not an
+    array or object, which cannot be hashed)."""
+    return isinstance(value.get("code"), str) and not isinstance(value.get("system"), dict | list)
 
 
 class ProfileValidator:

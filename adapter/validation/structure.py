@@ -28,7 +28,6 @@ from adapter.fhir.fhirpath import Env
 from adapter.fhir.model import Child, Context, ElementDef
 from adapter.validation.base import Issue
 from adapter.validation.invariants import (
-    InvariantChecker,
     Runner,
     checks_for,
     elements_for,
@@ -260,11 +259,10 @@ def _target_types(element: ElementDef) -> frozenset[str] | None:
 class _Walk:
     """One validation run: collects issues while walking a resource."""
 
-    __slots__ = ("env", "extended", "invariants", "issues")
+    __slots__ = ("env", "extended", "issues")
 
-    def __init__(self, invariants: InvariantChecker) -> None:
+    def __init__(self) -> None:
         self.issues: list[Issue] = []
-        self.invariants = invariants
         self.env: Env | None = None
         self.extended = False  # whether an Extension was walked
 
@@ -577,9 +575,6 @@ def _resolver(resource: dict[str, Any]) -> Any:
 class StructuralValidator:
     """Validates R4 resources structurally (the ``Validator`` seam, no profiles)."""
 
-    def __init__(self) -> None:
-        self._invariants = InvariantChecker()
-
     def validate(self, resource: Any, profiles: Sequence[str] = ()) -> list[Issue]:
         return self.examine(resource)[0]
 
@@ -588,7 +583,7 @@ class StructuralValidator:
         resources and Bundle entries included): False only when the walk met no Extension and
         went through every element (it leaves out only what it reports as an error, and
         ``fhir_comments``)."""
-        walk = _Walk(self._invariants)
+        walk = _Walk()
         try:
             walk.resource(resource, None, None)
         except RecursionError:

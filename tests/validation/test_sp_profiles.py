@@ -82,3 +82,13 @@ def test_a_coding_of_the_wrong_shape_is_an_issue_not_a_crash(validator: ProfileV
     assert any(
         issue.code == "structure" and issue.expression.startswith("ServiceRequest.code.coding") for issue in errors
     )
+
+
+def test_a_number_system_stays_a_coding_that_is_in_no_value_set() -> None:
+    """Only the systems a value set lookup cannot take (arrays, objects) are dropped: a number or
+    boolean system is still checked against the binding, and is in none (code-invalid)."""
+    from adapter.validation.profiles import _codes
+
+    assert _codes({"coding": [{"system": 5, "code": "x"}, {"system": ["a"], "code": "y"}, "z"]}) == [(5, "x")]
+    assert _codes({"system": True, "code": "mg"}) == [(True, "mg")]
+    assert _codes({"coding": {"system": "s", "code": "c"}}) == []
