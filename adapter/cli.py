@@ -600,9 +600,7 @@ def map_command(
         if url.scheme not in ("http", "https"):
             _fail(f"--to-server {to_server!r} is not an http(s) URL")
     from adapter.mapping.commands import map_records, summary_lines
-    from adapter.memory import collect_for_bulk_work
 
-    collect_for_bulk_work()
     counter = (
         _Counter(f"mapping {Path(input).name}") if sys.stderr.isatty() and os.environ.get("TERM") != "dumb" else None
     )

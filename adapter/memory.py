@@ -1,20 +1,23 @@
-"""The garbage collector's settings for a process that works in bulk: ``spfhir serve`` and
-``spfhir map``.
+"""The garbage collector in processes that work in bulk: ``spfhir serve`` and the mapping workers'
+results.
 
-Mapping, validating and storing allocate many short-lived objects, which reference counting
-frees, and hold tens of thousands alive for a while (a chunk of mapped records until it is stored
-or written). Python's young collection runs every 700 net allocations and walks every live young
-object; every tenth walks the middle generation too, so each chunk was walked several times, and
-full collections walked the loaded model and profiles. Every 200,000 net allocations instead: in
-``$ingest`` collections took 85 -> 28 µs of CPU per record, in ``spfhir map`` (one process) 152 -> 61
-(gc.callbacks, 9,000 records) (https://docs.python.org/3/library/gc.html#gc.set_threshold).
+Mapping, validating and storing allocate many short-lived objects, which reference counting frees,
+and hold tens of thousands alive for a while (a chunk of mapped records until it is stored). A young
+collection walks every live young object: at 10,000 net allocations one came after every chunk
+``$ingest`` stored, at 200,000 collections took 85 -> 28 µs of CPU per ingested record (gc.callbacks,
+9,000 records) (https://docs.python.org/3/library/gc.html#gc.set_threshold). ``spfhir map`` keeps
+Python's defaults: the same thresholds made it slower on 300,000 records (1,233-1,280 -> 1,158-1,166
+records/s in one process), though faster on 9,000.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["BULK_THRESHOLDS", "collect_for_bulk_work"]
+__all__ = ["BULK_THRESHOLDS", "collect_for_bulk_work", "collection_paused"]
 
 #: gc.set_threshold's arguments for bulk work.
 BULK_THRESHOLDS = (200_000, 10, 10)
@@ -28,3 +31,30 @@ def collect_for_bulk_work(*, freeze: bool = False) -> None:
         gc.collect()
         gc.freeze()
     gc.set_threshold(*BULK_THRESHOLDS)
+
+
+_lock = threading.Lock()
+_pausing = 0  # threads inside collection_paused
+_was_enabled = False  # whether the collector was on when the first of them came in
+
+
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """No automatic collection while the block runs, in any thread: for building thousands of
+    objects that stay alive (unpickling a chunk of mapped records), which would otherwise each be
+    walked by the collections they trigger. Safe from several threads at once: the collector is
+    switched on again when the last one leaves, if it was on when the first came in (a bare
+    isenabled/disable/enable in two threads can leave it off for good)."""
+    global _pausing, _was_enabled
+    with _lock:
+        if _pausing == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _pausing += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _pausing -= 1
+            if _pausing == 0 and _was_enabled:
+                gc.enable()

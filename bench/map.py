@@ -36,7 +36,6 @@ import orjson
 
 from adapter.mapping.run import Summary, run
 from adapter.mapping.spec import load
-from adapter.memory import collect_for_bulk_work
 from adapter.serve import build_app
 from adapter.settings import Settings
 from adapter.validation.bundled import bundled_packages
@@ -149,8 +148,6 @@ def write_inputs(folder: Path, count: int) -> dict[str, Path]:
 
 
 def map_only(files: dict[str, Path], processes: int = 1) -> tuple[int, float]:
-    # The collector's settings of ``spfhir map`` (adapter/cli.py).
-    collect_for_bulk_work()
     validator = ProfileValidator(bundled_packages())
     records = 0
     started = time.perf_counter()

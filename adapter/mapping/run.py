@@ -238,19 +238,22 @@ def _plain(record: MappedRecord) -> tuple[Any, ...]:
 
 
 def decode(data: bytes) -> list[MappedRecord]:
-    """The records a worker process mapped (:meth:`MappingPool.submit`), in source order. (The
-    collector is not paused here: gc.disable/enable from two request threads at once could leave it
-    off for good; the bulk settings of :mod:`adapter.memory` keep collections rare instead.)"""
-    return [
-        MappedRecord(
-            number,
-            [MappedResource(resource, if_none_exist, key) for resource, if_none_exist, key in resources],
-            None if error is None else MappingError(error[0], record=error[1], field=error[2]),
-            unused,
-            defaults,
-        )
-        for number, resources, error, unused, defaults in pickle.loads(data)
-    ]
+    """The records a worker process mapped (:meth:`MappingPool.submit`), in source order."""
+    from adapter.memory import collection_paused
+
+    # Thousands of fresh dicts, all kept: with the collector on, they trigger collections that walk
+    # them and this process's heap, which cost six times the unpickling itself (#5).
+    with collection_paused():
+        return [
+            MappedRecord(
+                number,
+                [MappedResource(resource, if_none_exist, key) for resource, if_none_exist, key in resources],
+                None if error is None else MappingError(error[0], record=error[1], field=error[2]),
+                unused,
+                defaults,
+            )
+            for number, resources, error, unused, defaults in pickle.loads(data)
+        ]
 
 
 def can_cross(raws: list[RawRecord]) -> bool:

@@ -1,0 +1,48 @@
+"""``adapter.memory``: the collector paused from several threads at once."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+from adapter.memory import collection_paused
+
+
+def test_the_collector_is_on_again_only_when_the_last_thread_leaves() -> None:
+    """Thread A pauses, B pauses, A leaves: still paused (B is building); B leaves: on again. With
+    a bare isenabled/disable/enable per thread, B saw it off and left it off for good."""
+    assert gc.isenabled()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, bool] = {}
+
+    def a() -> None:
+        with collection_paused():
+            a_in.set()
+            b_in.wait(5)
+        seen["after a"] = gc.isenabled()
+        a_out.set()
+
+    def b() -> None:
+        a_in.wait(5)
+        with collection_paused():
+            b_in.set()
+            a_out.wait(5)
+            seen["inside b, a gone"] = gc.isenabled()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen == {"after a": False, "inside b, a gone": False}
+    assert gc.isenabled()
+
+
+def test_a_collector_that_was_off_stays_off() -> None:
+    gc.disable()
+    try:
+        with collection_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
