@@ -6,8 +6,8 @@ and hold tens of thousands alive for a while (a chunk of mapped records until it
 collection walks every live young object: at 10,000 net allocations one came after every chunk
 ``$ingest`` stored, at 200,000 collections took 85 -> 28 µs of CPU per ingested record (gc.callbacks,
 9,000 records) (https://docs.python.org/3/library/gc.html#gc.set_threshold). ``spfhir map`` keeps
-Python's defaults: the same thresholds made it slower on 300,000 records (1,233-1,280 -> 1,158-1,166
-records/s in one process), though faster on 9,000.
+Python's defaults: with the same thresholds its collections took less CPU on 9,000 records, but the
+300,000-record figure did not improve and its peak memory grew (docs/benchmarks.md, issue #5).
 """
 
 from __future__ import annotations
