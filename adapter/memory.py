@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["BULK_THRESHOLDS", "collect_for_bulk_work", "collection_paused"]
+__all__ = ["BULK_THRESHOLDS", "collect_for_bulk_work", "collection_paused", "freeze_what_is_alive"]
 
 #: gc.set_threshold's arguments for bulk work.
 BULK_THRESHOLDS = (200_000, 10, 10)
@@ -58,3 +58,15 @@ def collection_paused() -> Iterator[None]:
             _pausing -= 1
             if _pausing == 0 and _was_enabled:
                 gc.enable()
+
+
+def freeze_what_is_alive() -> None:
+    """Collect, then move everything alive into the permanent generation (``gc.freeze``): for a
+    process that has loaded what a long run needs (a mapping's compiled profiles, types and FHIRPath,
+    after its first records). Full collections then no longer walk it: in one ``spfhir map``
+    process they took 123 -> 42 µs of CPU per record, the whole mapping 934-953 -> 822-873 (9,000
+    records, alternating runs). Objects frozen are still freed by reference counting; only a
+    reference cycle among them would outlive its use, which the collection before rules out for
+    what is garbage at that moment."""
+    gc.collect()
+    gc.freeze()

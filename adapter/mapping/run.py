@@ -330,8 +330,15 @@ def _mapped(
     """The mapped records, in source order: in this process, or spread over ``processes`` worker
     processes (each with its own mapper and validator) that map chunks of records side by side."""
     if processes <= 1:
+        from adapter.memory import freeze_what_is_alive
+
         mapper = Mapper(spec, validator)
-        for raw in raws:
+        for number, raw in enumerate(raws):
+            if number == _WARMED_UP:
+                # What mapping and validating loaded (profiles, types, compiled FHIRPath) out of
+                # the collector's way: a process-wide setting, as the worker processes make at
+                # start (_start_worker).
+                freeze_what_is_alive()
             yield mapper.map(raw)
         return
     pool = MappingPool(processes)
@@ -347,6 +354,11 @@ def _mapped(
             yield from decode(pending.popleft().result())
     finally:
         pool.close()
+
+
+#: Records mapped in this process before :func:`adapter.memory.freeze_what_is_alive`: by then the
+#: mapping has loaded what its records need.
+_WARMED_UP = 100
 
 
 class Batches:
