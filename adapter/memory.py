@@ -23,13 +23,8 @@ __all__ = ["BULK_THRESHOLDS", "collect_for_bulk_work", "collection_paused", "fre
 BULK_THRESHOLDS = (200_000, 10, 10)
 
 
-def collect_for_bulk_work(*, freeze: bool = False) -> None:
-    """Collect young objects every 200,000 net allocations; with ``freeze``, first move everything
-    alive into the permanent generation, out of every collection's way (``gc.freeze``, after a
-    full collection so that no garbage is kept)."""
-    if freeze:
-        gc.collect()
-        gc.freeze()
+def collect_for_bulk_work() -> None:
+    """Collect young objects every 200,000 net allocations."""
     gc.set_threshold(*BULK_THRESHOLDS)
 
 

@@ -66,13 +66,14 @@ def _settle_memory() -> None:
     (https://docs.python.org/3/library/gc.html#gc.freeze); and collect less often
     (:mod:`adapter.memory`)."""
     from adapter.fhir import model
-    from adapter.memory import collect_for_bulk_work
+    from adapter.memory import collect_for_bulk_work, freeze_what_is_alive
     from adapter.validation.bundled import bundled_packages
 
     for type in ("Patient", "ServiceRequest", "Task", "Observation", "Bundle", "OperationOutcome"):
         model.type_model(type)
     bundled_packages()
-    collect_for_bulk_work(freeze=True)
+    freeze_what_is_alive()
+    collect_for_bulk_work()
 
 
 def app_factory() -> FastAPI:

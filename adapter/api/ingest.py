@@ -140,7 +140,7 @@ async def _map(
                 rest = [raw for chunk in chunks[taken:] for raw in chunk]
                 await take(await anyio.to_thread.run_sync(_map_here, spec, rest, validator), 0)
                 return
-            await take(records, len(raws) - min(len(raws), (taken + 1) * _CHUNK))
+            await take(records, max(0, len(raws) - (taken + 1) * _CHUNK))
     finally:
         for _, future in pending:
             future.cancel()

@@ -254,6 +254,18 @@ def _put_at(
     return gap
 
 
+def _field_value(name: str, head: str, sub: str, values: dict[str, Any], used: set[str]) -> Any:
+    """The record's value of the field ``name`` (``head``, and ``sub`` for a group's field): one
+    value, or a group's values as a list; None when it has none. Marks ``head`` used."""
+    if name in values:
+        used.add(head)
+        return values[name]
+    if sub and isinstance(values.get(head), list):
+        used.add(head)
+        return [item.get(sub) for item in values[head]]
+    return None
+
+
 def _grow(items: list[Any], position: int) -> bool:
     """Empty objects appended to ``items`` until it has an item at ``position``; True when that
     left a gap (an empty object before ``position``)."""
@@ -269,23 +281,13 @@ def _prune(node: dict[str, Any], found: set[str]) -> bool:
     way (as :func:`_references` would). False when nothing is left."""
     empty: list[str] | None = None
     for key, item in node.items():
-        # Scalars are tested here, not in a call: most of a resource's values are, strings first;
-        # exact classes before isinstance (the values are plain JSON types but for subclasses).
-        cls = item.__class__
-        if cls is str:
+        # Strings are tested here, not in a call: most of a resource's values are.
+        if item.__class__ is str:
             if item:
                 continue
             kept = False
-        elif cls is dict:
-            kept = _prune(item, found)
-        elif cls is list:
-            kept = _prune_items(item, found)
-        elif isinstance(item, dict):
-            kept = _prune(item, found)
-        elif isinstance(item, list):
-            kept = _prune_items(item, found)
         else:
-            kept = item is not None and item != ""
+            kept = _kept(item, found)
         if not kept:
             if empty is None:
                 empty = []
@@ -299,21 +301,21 @@ def _prune(node: dict[str, Any], found: set[str]) -> bool:
     return bool(node)
 
 
+def _kept(item: Any, found: set[str]) -> bool:
+    """Whether :func:`_prune` keeps ``item``, a value other than a plain string (an object or
+    array pruned first, in place)."""
+    if isinstance(item, dict):
+        return _prune(item, found)
+    if isinstance(item, list):
+        return _prune_items(item, found)
+    return item is not None and item != ""
+
+
 def _prune_items(items: list[Any], found: set[str]) -> bool:
     """:func:`_prune` for a list: its empty items removed (in place)."""
     rest: list[Any] | None = None  # the items kept, once one is not
     for position, item in enumerate(items):
-        cls = item.__class__
-        if cls is dict:
-            kept = _prune(item, found)
-        elif cls is str:
-            kept = item != ""
-        elif isinstance(item, dict):
-            kept = _prune(item, found)
-        elif isinstance(item, list):
-            kept = _prune_items(item, found)
-        else:
-            kept = item is not None and item != ""
+        kept = item != "" if item.__class__ is str else _kept(item, found)
         if rest is not None:
             if kept:
                 rest.append(item)
@@ -662,18 +664,10 @@ class Mapper:
             if when is not None and not _applies(when, values):
                 continue
             if kind in (_FIELD, _LOOKUP):
-                field = rule.field
                 head, sub = source
-                if field in values:
-                    used.add(head)
-                    value = values[field]
-                elif sub and isinstance(values.get(head), list):
-                    used.add(head)
-                    value = [item.get(sub) for item in values[head]]
-                else:
-                    continue  # no value: nothing to put
+                value = _field_value(rule.field, head, sub, values, used)  # type: ignore[arg-type]
                 if value is None:
-                    continue
+                    continue  # no value: nothing to put
                 if kind == _LOOKUP:
                     lookup = self.spec.lookups[rule.lookup]  # type: ignore[index]
                     if isinstance(value, list):
@@ -748,11 +742,5 @@ class Mapper:
             raise MappingError(exc.message, field=rule.args[exc.argument]) from exc
 
     def _field(self, name: str, values: dict[str, Any], used: set[str]) -> Any:
-        if name in values:
-            used.add(name.partition(".")[0])
-            return values[name]
-        group, _, sub = name.partition(".")
-        if sub and isinstance(values.get(group), list):
-            used.add(group)
-            return [item.get(sub) for item in values[group]]
-        return None
+        head, _, sub = name.partition(".")
+        return _field_value(name, head, sub, values, used)

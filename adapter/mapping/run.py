@@ -198,7 +198,6 @@ _mappers: dict[str, Mapper] = {}
 def _start_worker(defaults: dict[str, list[str]] | None, nice: int) -> None:
     """Initializer of a worker process: the profile validator, loaded once for the process's life."""
     global _validator
-    import gc
     import os
 
     if nice:
@@ -209,9 +208,10 @@ def _start_worker(defaults: dict[str, list[str]] | None, nice: int) -> None:
 
     _validator = ProfileValidator(bundled_packages(), defaults=defaults)
     # The loaded profiles are millions of long-lived objects: out of the collector's sight, each
-    # collection walks only what a chunk allocates (https://docs.python.org/3/library/gc.html#gc.freeze).
-    gc.collect()
-    gc.freeze()
+    # collection walks only what a chunk allocates.
+    from adapter.memory import freeze_what_is_alive
+
+    freeze_what_is_alive()
 
 
 def _map_chunk(name: str, raws: list[PlainRaw]) -> bytes:

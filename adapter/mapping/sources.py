@@ -250,25 +250,25 @@ def _xml(spec: MappingSpec, stream: IO[bytes], sample: bytes) -> Iterator[RawRec
 
 
 def _json_values(data: dict[str, Any], spec_field: FieldSpec) -> list[Any]:
-    value: Any = None
-    first = spec_field.path or spec_field.name
-    if "." not in first:
-        # Most values are found under the first name: no tuple of the names, no loop.
-        value = data.get(first)
-        if value is not None:
-            return value if isinstance(value, list) else [value]
-    for path in (first, *spec_field.aliases):
-        if "." not in path:
-            value = data.get(path)  # most paths are one key: no split
+    # Most values are found under the field's own path: the aliases are tried only then.
+    value = _json_value(data, spec_field.path or spec_field.name)
+    if value is None:
+        for alias in spec_field.aliases:
+            value = _json_value(data, alias)
+            if value is not None:
+                break
         else:
-            value = data
-            for key in path.split("."):
-                value = value.get(key) if isinstance(value, dict) else None
-        if value is not None:
-            break
-    else:
-        return []
+            return []
     return value if isinstance(value, list) else [value]
+
+
+def _json_value(data: dict[str, Any], path: str) -> Any:
+    if "." not in path:
+        return data.get(path)  # most paths are one key: no split
+    value: Any = data
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def _xml_values(element: Any, spec_field: FieldSpec) -> list[Any]:
