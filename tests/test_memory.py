@@ -51,7 +51,7 @@ def test_a_collector_that_was_off_stays_off() -> None:
 
 def test_a_long_mapping_in_one_process_freezes_what_it_loaded(tmp_path: Path) -> None:
     """After its first records a mapping moves what it loaded out of the collector's way (full
-    collections walked it: 123 -> 42 µs of CPU per record); a short one does not collect at all."""
+    collections walked it: 123 -> 42 µs of CPU per record)."""
     from adapter.mapping.run import Summary, run
     from adapter.mapping.spec import load
     from adapter.validation.bundled import bundled_packages
