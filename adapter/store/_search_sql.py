@@ -2,7 +2,13 @@
 
 One table per kind of index value (see :mod:`adapter.search.index`), each row naming the resource
 (``type``, ``id``) and the search parameter (``param``); rows describe current versions only and
-are replaced on every write. A search is ``SELECT id FROM resources`` with one ``id IN (subquery)``
+are replaced on every write. ``rid`` names the version a row was made from: the key of that
+version's ``history`` row (its rowid in SQLite, ``seq`` in PostgreSQL), which ``resources.rid``
+holds for the current version. A write removes the rows of the version it replaces by that number:
+rids grow with every version written, so the ``rid`` indexes only ever grow at their right-hand
+end, where owner indexes on ``(type, id)`` took an insert at a random place of their B-tree for
+every row (uuid5 ids are random): about a quarter of SQLite's work in ``$ingest``
+(docs/benchmarks.md). A search is ``SELECT id FROM resources`` with one ``id IN (subquery)``
 per criterion, so each criterion is answered from its table's ``(type, param, value)`` index; a
 chain nests the same subqueries through ``sp_reference``. The SQL is written with ``?``
 placeholders (the PostgreSQL store rewrites them) and only values travel as parameters.
@@ -26,6 +32,7 @@ __all__ = [
     "INDEX_DELETES",
     "INDEX_INSERT_COLUMNS",
     "INDEX_SCHEMA",
+    "INDEX_TABLES",
     "INDEX_VERSION",
     "KEY_CHARS",
     "TEXT_VALUE_INDEXES",
@@ -38,7 +45,7 @@ __all__ = [
 ]
 
 #: Bump when what is indexed changes: stores rebuild the index of a database with an older one.
-INDEX_VERSION = "2"  # 2: dates before the year 1000 written with four-digit years
+INDEX_VERSION = "3"  # 2: dates before the year 1000 written with four-digit years; 3: rid
 
 #: Characters of a token code or string value that PostgreSQL's value indexes hold. A B-tree
 #: index entry "cannot exceed approximately one-third of a page (after TOAST compression, if
@@ -81,25 +88,30 @@ def index_schema(key_chars: int | None) -> str:
 
 _INDEX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sp_token (
-    type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, system TEXT, code TEXT NOT NULL);
+    rid BIGINT NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL,
+    param TEXT NOT NULL, system TEXT, code TEXT NOT NULL);
 {sp_token_value}
-CREATE INDEX IF NOT EXISTS sp_token_owner ON sp_token (type, id);
+CREATE INDEX IF NOT EXISTS sp_token_owner ON sp_token (rid);
 CREATE TABLE IF NOT EXISTS sp_string (
-    type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, norm TEXT NOT NULL, exact TEXT NOT NULL);
+    rid BIGINT NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL,
+    param TEXT NOT NULL, norm TEXT NOT NULL, exact TEXT NOT NULL);
 {sp_string_value}
-CREATE INDEX IF NOT EXISTS sp_string_owner ON sp_string (type, id);
+CREATE INDEX IF NOT EXISTS sp_string_owner ON sp_string (rid);
 CREATE TABLE IF NOT EXISTS sp_reference (
-    type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, target_type TEXT, target_id TEXT, url TEXT NOT NULL);
+    rid BIGINT NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL,
+    param TEXT NOT NULL, target_type TEXT, target_id TEXT, url TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS sp_reference_value ON sp_reference (type, param, target_id);
-CREATE INDEX IF NOT EXISTS sp_reference_owner ON sp_reference (type, id);
+CREATE INDEX IF NOT EXISTS sp_reference_owner ON sp_reference (rid);
 CREATE TABLE IF NOT EXISTS sp_date (
-    type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, low TEXT NOT NULL, high TEXT NOT NULL);
+    rid BIGINT NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL,
+    param TEXT NOT NULL, low TEXT NOT NULL, high TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS sp_date_value ON sp_date (type, param, low);
-CREATE INDEX IF NOT EXISTS sp_date_owner ON sp_date (type, id);
+CREATE INDEX IF NOT EXISTS sp_date_owner ON sp_date (rid);
 CREATE TABLE IF NOT EXISTS sp_number (
-    type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, value DOUBLE PRECISION NOT NULL, system TEXT, code TEXT);
+    rid BIGINT NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL,
+    param TEXT NOT NULL, value DOUBLE PRECISION NOT NULL, system TEXT, code TEXT);
 CREATE INDEX IF NOT EXISTS sp_number_value ON sp_number (type, param, value);
-CREATE INDEX IF NOT EXISTS sp_number_owner ON sp_number (type, id);
+CREATE INDEX IF NOT EXISTS sp_number_owner ON sp_number (rid);
 CREATE TABLE IF NOT EXISTS searches (
     id TEXT PRIMARY KEY, created TEXT NOT NULL, type TEXT NOT NULL, query TEXT NOT NULL, ids TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -135,27 +147,36 @@ _SORT_COLUMN = {
 }
 
 
-#: Removes the index rows of one resource, per table: parameters (type, id).
-INDEX_DELETES = tuple(f"DELETE FROM {table} WHERE type = ? AND id = ?" for table, _ in _TABLES.values())
+#: The index tables.
+INDEX_TABLES = tuple(table for table, _ in _TABLES.values())
+#: Removes the index rows of one version, per table: parameter (rid,).
+INDEX_DELETES = tuple(f"DELETE FROM {table} WHERE rid = ?" for table in INDEX_TABLES)
 
 
-#: IndexRows field -> the INSERT of one row of its table (parameters: type, id, then the columns).
+#: IndexRows field -> the INSERT of one row of its table (parameters: rid, type, id, then the columns).
 _INSERTS = {
-    name: f"INSERT INTO {table} (type, id, {', '.join(columns)}) VALUES ({', '.join('?' * (len(columns) + 2))})"
+    name: f"INSERT INTO {table} (rid, type, id, {', '.join(columns)}) VALUES ({', '.join('?' * (len(columns) + 3))})"
     for name, (table, columns) in _TABLES.items()
 }
+_INSERT_OF = tuple(_INSERTS.items())
 #: Each INSERT of :func:`index_inserts` -> (its table, all its columns), for a dialect that writes
 #: many rows in one statement.
-INDEX_INSERT_COLUMNS = {_INSERTS[name]: (table, ("type", "id", *columns)) for name, (table, columns) in _TABLES.items()}
+INDEX_INSERT_COLUMNS = {
+    _INSERTS[name]: (table, ("rid", "type", "id", *columns)) for name, (table, columns) in _TABLES.items()
+}
 
 
-def index_inserts(type: str, id: str, rows: IndexRows, into: dict[str, list[tuple[Any, ...]]]) -> None:
-    """Add the INSERTs of one resource's index rows to ``into`` (SQL -> parameter rows), so that a
+def index_inserts(rid: int, type: str, id: str, rows: IndexRows, into: dict[str, list[tuple[Any, ...]]]) -> None:
+    """Add the INSERTs of one version's index rows to ``into`` (SQL -> parameter rows), so that a
     transaction writes each table with one ``executemany``."""
-    for name in _TABLES:
+    owner = (rid, type, id)
+    for name, sql in _INSERT_OF:
         values = getattr(rows, name)
         if values:
-            into.setdefault(_INSERTS[name], []).extend((type, id, *value) for value in values)
+            found = into.get(sql)
+            if found is None:
+                found = into[sql] = []
+            found += [owner + value for value in values]
 
 
 def _like(text: str, contains: bool) -> str:
@@ -386,7 +407,7 @@ def search_sql(query: SearchQuery, *, key_chars: int | None, first_page: bool = 
             continue
         table = _TABLE_OF_TYPE[key.param.type]
         column = _SORT_COLUMN[table][1 if key.descending else 0]
-        value = f"(SELECT {column} FROM {table} s WHERE s.type = r.type AND s.id = r.id AND s.param = ?)"
+        value = f"(SELECT {column} FROM {table} s WHERE s.rid = r.rid AND s.param = ?)"
         # Resources without a value come last either way.
         order.append(f"{value} IS NULL, {value}{' DESC' if key.descending else ''}")
         params += [key.param.code, key.param.code]

@@ -51,7 +51,14 @@ from adapter.store._common import (
     version_of,
     with_meta,
 )
-from adapter.store._search_sql import INDEX_DELETES, INDEX_VERSION, count_sql, index_inserts, search_sql
+from adapter.store._search_sql import (
+    INDEX_DELETES,
+    INDEX_TABLES,
+    INDEX_VERSION,
+    count_sql,
+    index_inserts,
+    search_sql,
+)
 from adapter.store.base import (
     Conflict,
     Gone,
@@ -102,7 +109,7 @@ READ_SQL = "SELECT version, deleted, json FROM resources WHERE type = ? AND id =
 #: How long a saved result set (the target of paging links) is kept.
 SEARCH_LIFETIME = timedelta(hours=1)
 
-_INDEX_TABLES = ("sp_token", "sp_string", "sp_reference", "sp_date", "sp_number")
+_INDEX_TABLES = INDEX_TABLES
 # Ids per IN (...) list: well under SQLite's limit of bound parameters.
 _CHUNK = 500
 
@@ -114,8 +121,9 @@ def _in_lists(values: Sequence[str]) -> Iterator[tuple[list[str], str]]:
         yield chunk, ", ".join("?" * len(chunk))
 
 
-#: The current version of one resource as planning sees it: (version, deleted, json).
-Current = tuple[int, bool, str | None]
+#: The current version of one resource as planning sees it: (version, deleted, json, rid), rid
+#: naming its index rows (:mod:`adapter.store._search_sql`).
+Current = tuple[int, bool, str | None, int]
 
 
 @dataclass(slots=True)
@@ -125,7 +133,7 @@ class _Batch:
     written with their index rows (None for a delete), for :class:`_Window`."""
 
     versions: list[tuple[Any, ...]] = field(default_factory=list)
-    unindex: list[tuple[str, str]] = field(default_factory=list)
+    unindex: list[tuple[int]] = field(default_factory=list)
     index: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
     stored: list[tuple[str, str, Current, IndexRows | None]] = field(default_factory=list)
 
@@ -293,12 +301,12 @@ class _Window:
         for type, of_type in ids.items():
             for chunk, marks in _in_lists(of_type):
                 rows = self._store._execute(
-                    f"SELECT id, version, deleted, json FROM resources WHERE type = ? AND id IN ({marks})"
+                    f"SELECT id, version, deleted, json, rid FROM resources WHERE type = ? AND id IN ({marks})"
                     + self._store.row_lock,
                     [type, *chunk],
                 )
-                for id, version, deleted, text in rows:
-                    self._current[(type, id)] = (int(version), bool(deleted), text)
+                for id, version, deleted, text, rid in rows:
+                    self._current[(type, id)] = (int(version), bool(deleted), text, int(rid))
 
     def match(self, operation: Operation) -> list[str]:
         return sorted(self._matches[self._conditions[id(operation)]])
@@ -345,20 +353,23 @@ class SQLStore:
 
     #: The history column that orders versions written in the same millisecond.
     tiebreak = "rowid"
-    #: SELECT of (version, deleted, json) of one resource, taking whatever lock the dialect needs.
-    current_sql = "SELECT version, deleted, json FROM resources WHERE type = ? AND id = ?"
+    #: SELECT of (version, deleted, json, rid) of one resource, taking whatever lock the dialect needs.
+    current_sql = "SELECT version, deleted, json, rid FROM resources WHERE type = ? AND id = ?"
     #: What ends a SELECT of current rows to take the dialect's row locks (as :attr:`current_sql` does).
     row_lock = ""
     #: What the value indexes of token codes and strings hold: None for whole values, or so many
     #: characters of them (:func:`adapter.store._search_sql.index_key`).
     key_chars: int | None = None
-    #: Writing a version: (type, id, version, last_updated, deleted, json) into both tables.
+    #: Writing a version: (rid, type, id, version, last_updated, deleted, json) into both tables,
+    #: rid as the history row's key (:attr:`tiebreak`).
     put_resource_sql = """
-        INSERT INTO resources (type, id, version, last_updated, deleted, json) VALUES (?, ?, ?, ?, ?, ?)
-        ON CONFLICT (type, id) DO UPDATE SET version = excluded.version,
+        INSERT INTO resources (rid, type, id, version, last_updated, deleted, json) VALUES (?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (type, id) DO UPDATE SET rid = excluded.rid, version = excluded.version,
             last_updated = excluded.last_updated, deleted = excluded.deleted, json = excluded.json
     """
-    put_history_sql = "INSERT INTO history (type, id, version, last_updated, deleted, json) VALUES (?, ?, ?, ?, ?, ?)"
+    put_history_sql = (
+        "INSERT INTO history (rowid, type, id, version, last_updated, deleted, json) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    )
 
     def __init__(self, clock: Callable[[], datetime] | None = None, thread_name: str = "store") -> None:
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -371,6 +382,8 @@ class SQLStore:
         self._drain_job: asyncio.Future[None] | None = None
         self._writing: list[_Single] = []
         self._conn: Any = None
+        # The next rid of the open write transaction (:meth:`_take_rid`), or None before its first.
+        self._next_rid: int | None = None
 
     # -- what a dialect supplies (all on the worker thread, except interrupt) ----------------------
 
@@ -431,9 +444,19 @@ class SQLStore:
     def _check_storable(self, resource: Resource, text: str) -> None:
         """Raise :class:`InputError` for a resource (``text``, its JSON) the database cannot hold."""
 
-    def _row(self, type: str, id: str, version: int, now: str, text: str | None) -> tuple[Any, ...]:
+    def _row(self, rid: int, type: str, id: str, version: int, now: str, text: str | None) -> tuple[Any, ...]:
         """The parameters of :attr:`put_resource_sql` and :attr:`put_history_sql`."""
-        return (type, id, version, now, text is None, text)
+        return (rid, type, id, version, now, text is None, text)
+
+    def _take_rid(self) -> int:
+        """The rid of a version about to be written: above every rid in the database. Here (one
+        writer at a time holds the database) one more than the largest history rowid, counted on
+        from the first of the transaction; a rolled-back group leaves a gap, which is harmless."""
+        rid = self._next_rid
+        if rid is None:
+            rid = int(self._execute("SELECT coalesce(max(rowid), 0) FROM history")[0][0]) + 1
+        self._next_rid = rid + 1
+        return rid
 
     def _close_connection(self) -> None:
         if self._conn is not None:
@@ -736,11 +759,13 @@ class SQLStore:
         wanted: dict[str, list[str]] = {}
         for include in query.includes:
             marks = ", ".join("?" * len(page_ids))
+            # The page's index rows by their rid (the index on rid; there is none on type and id).
             sql = (
-                "SELECT DISTINCT target_type, target_id FROM sp_reference WHERE type = ? AND param = ?"
-                f" AND target_id IS NOT NULL AND id IN ({marks})"
+                "SELECT DISTINCT target_type, target_id FROM sp_reference WHERE rid IN"
+                f" (SELECT rid FROM resources WHERE type = ? AND id IN ({marks})) AND param = ?"
+                " AND target_id IS NOT NULL"
             )
-            params: list[Any] = [include.source, include.param, *page_ids]
+            params: list[Any] = [include.source, *page_ids, include.param]
             if include.target is not None:
                 sql += " AND target_type = ?"
                 params.append(include.target)
@@ -796,6 +821,7 @@ class SQLStore:
     def _write_transaction(self) -> Iterator[None]:
         """One write transaction: committed when the block ends, rolled back on any error (a loss
         against another writer reported as :class:`Conflict`)."""
+        self._next_rid = None
         self._begin()
         try:
             yield
@@ -894,7 +920,7 @@ class SQLStore:
     def _current(self, type: str, id: str) -> Current | None:
         self._lock(f"{type}/{id}")
         rows = self._execute(self.current_sql, (type, id))
-        return None if not rows else (int(rows[0][0]), bool(rows[0][1]), rows[0][2])
+        return None if not rows else (int(rows[0][0]), bool(rows[0][1]), rows[0][2], int(rows[0][3]))
 
     def _plan(self, operation: Operation, seen: set[tuple[str, str]], lookups: _Direct | _Window) -> _Plan:
         """Decide which resource ``operation`` changes (conditions are evaluated here) and check it may."""
@@ -956,16 +982,17 @@ class SQLStore:
         operation, id, current = plan.operation, plan.id, plan.current
         if plan.matched:
             assert current is not None and current[2] is not None
-            return OperationResult(operation.type, id, str(current[0]), False, loads(current[2]), matched=True)
+            return OperationResult(operation.type, id, str(current[0]), False, None, matched=True, text=current[2])
         if current is not None:
-            batch.unindex.append((operation.type, id))
+            batch.unindex.append((current[3],))
         if operation.method == "delete":
             assert current is not None
-            version, deleted, _ = current
+            version, deleted, _, _ = current
             if deleted:
                 return OperationResult(operation.type, id, str(version), False, None)
-            batch.versions.append(self._row(operation.type, id, version + 1, now, None))
-            batch.stored.append((operation.type, id, (version + 1, True, None), None))
+            rid = self._take_rid()
+            batch.versions.append(self._row(rid, operation.type, id, version + 1, now, None))
+            batch.stored.append((operation.type, id, (version + 1, True, None, rid), None))
             return OperationResult(operation.type, id, str(version + 1), False, None)
         assert operation.resource is not None
         resource = rewrite_references(operation.resource, mapping) if mapping else operation.resource
@@ -973,10 +1000,11 @@ class SQLStore:
         stamped = with_meta(resource, id, version, now)
         text = dumps(stamped).decode("utf-8")
         self._check_storable(stamped, text)
-        batch.versions.append(self._row(operation.type, id, version, now, text))
+        rid = self._take_rid()
+        batch.versions.append(self._row(rid, operation.type, id, version, now, text))
         rows = index_values(stamped)
-        index_inserts(operation.type, id, rows, batch.index)
-        batch.stored.append((operation.type, id, (version, False, text), rows))
+        index_inserts(rid, operation.type, id, rows, batch.index)
+        batch.stored.append((operation.type, id, (version, False, text, rid), rows))
         created = current is None or current[1]
         return OperationResult(operation.type, id, str(version), created, stamped)
 
@@ -1005,9 +1033,15 @@ class SQLStore:
             return
         for table in _INDEX_TABLES:
             self._execute(f"DELETE FROM {table}")
+        # Each current version's rid is the key of its history row (before index version 3 there
+        # was no rid).
+        self._execute(
+            f"UPDATE resources SET rid = (SELECT h.{self.tiebreak} FROM history h"
+            " WHERE h.type = resources.type AND h.id = resources.id AND h.version = resources.version)"
+        )
         batch = _Batch()
-        for type, id, text in self._execute("SELECT type, id, json FROM resources WHERE NOT deleted"):
-            index_inserts(type, id, index_values(loads(text)), batch.index)
+        for rid, type, id, text in self._execute("SELECT rid, type, id, json FROM resources WHERE NOT deleted"):
+            index_inserts(int(rid), type, id, index_values(loads(text)), batch.index)
         self._flush(batch)
         self._execute(
             "INSERT INTO store_meta (key, value) VALUES ('index_version', ?)"

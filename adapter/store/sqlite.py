@@ -32,7 +32,7 @@ from typing import Any, Literal
 from adapter.errors import Conflict
 from adapter.search.query import SearchQuery
 from adapter.store._housekeeping import Housekeeping
-from adapter.store._search_sql import INDEX_SCHEMA
+from adapter.store._search_sql import INDEX_SCHEMA, INDEX_TABLES
 from adapter.store.base import Resource, SearchResult
 from adapter.store.sql import READ_SQL, SQLStore, run_steps
 
@@ -57,6 +57,36 @@ def _checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a file made before index version 3 to the current tables: ``resources`` gets its
+    ``rid`` column, and the index tables, keyed by (type, id) then, are dropped to be made again
+    (:meth:`SQLStore._reindex_if_stale` refills them when the store opens). One transaction,
+    decided again once it holds the write lock, in case another process upgraded the file first."""
+
+    def stale() -> tuple[bool, list[str]]:
+        resources = _columns(conn, "resources")
+        tables = [table for table in INDEX_TABLES if (columns := _columns(conn, table)) and "rid" not in columns]
+        return bool(resources) and "rid" not in resources, tables
+
+    if stale() == (False, []):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        no_rid, tables = stale()
+        if no_rid:
+            conn.execute("ALTER TABLE resources ADD COLUMN rid INTEGER")
+        for table in tables:
+            conn.execute(f"DROP TABLE {table}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
     type TEXT NOT NULL,
@@ -65,6 +95,7 @@ CREATE TABLE IF NOT EXISTS resources (
     last_updated TEXT NOT NULL,
     deleted INTEGER NOT NULL CHECK (deleted IN (0, 1)),
     json TEXT,
+    rid INTEGER,
     PRIMARY KEY (type, id)
 );
 CREATE TABLE IF NOT EXISTS history (
@@ -131,6 +162,7 @@ class SQLiteStore(SQLStore):
                     )
             conn.execute(f"PRAGMA synchronous={'FULL' if self._synchronous == 'FULL' else 'NORMAL'}")
             # executescript commits first, so it runs before the store's write transaction.
+            _upgrade(conn)
             conn.executescript(_SCHEMA + INDEX_SCHEMA)
             # From here on only BEGIN IMMEDIATE waits for another writer, in _begin's own loop.
             conn.execute("PRAGMA busy_timeout = 0")
