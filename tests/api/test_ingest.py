@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from adapter.api import create_app
 from adapter.api import ingest as ingest_module
+from adapter.errors import InputError
 from adapter.mapping.ids import deterministic_id, identity
 from adapter.mapping.run import MappingPool
 from adapter.mapping.sources import RawRecord
@@ -469,3 +470,72 @@ def test_storing_waits_for_full_windows_until_the_last_chunks(monkeypatch: pytes
     # over and each later chunk go at once), and nothing left for finish().
     assert windows == [8, 1, 3, 3]
     assert storing.records == 15
+
+
+def test_a_window_is_prepared_while_the_one_before_is_stored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operations of the next window are made while the store writes the window before, and
+    the windows are still stored one after the other, in order."""
+    from adapter.mapping.base import MappedResource
+    from adapter.mapping.engine import MappedRecord
+    from adapter.mapping.run import Summary
+
+    monkeypatch.setattr(ingest_module, "_WINDOW", 2)
+    events: list[str] = []
+    prepare = ingest_module._prepared
+
+    def prepared(record: MappedRecord) -> Any:
+        events.append(f"prepare {record.number}")
+        return prepare(record)
+
+    monkeypatch.setattr(ingest_module, "_prepared", prepared)
+
+    class Store:
+        async def transactions(self, groups: list[Any]) -> list[Any]:
+            first = groups[0][0].id
+            events.append(f"store {first}")
+            await asyncio.sleep(0.05)  # the store's thread at work; the event loop is free
+            events.append(f"stored {first}")
+            return [[] for _ in groups]
+
+    storing = ingest_module._Storing(Store(), Summary("sp-referral", "test"))  # type: ignore[arg-type]
+    records = [MappedRecord(n, [MappedResource({"resourceType": "Basic", "id": f"b{n}"})]) for n in range(4)]
+
+    async def run() -> None:
+        await storing.take(records[:2], 2)
+        await asyncio.sleep(0.01)  # waiting for the worker's next chunk
+        await storing.take(records[2:], 0)
+        await storing.finish()
+
+    asyncio.run(run())
+    assert events == [
+        "prepare 0",
+        "prepare 1",
+        "store b0",
+        "prepare 2",
+        "prepare 3",
+        "stored b0",
+        "store b2",
+        "stored b2",
+    ]
+    assert storing.records == 4
+
+
+async def test_a_record_whose_condition_cannot_be_made_is_refused_alone(
+    client: httpx.AsyncClient, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    operations = ingest_module._operations
+
+    def failing(record: Any) -> Any:
+        if record.number == 1:
+            raise InputError("ifNoneExist: not a search", expression="ifNoneExist")
+        return operations(record)
+
+    monkeypatch.setattr(ingest_module, "_operations", failing)
+    rows = (CASES / "basic" / "input.csv").read_text().splitlines()
+    other = rows[1].replace("REF-0001", "REF-0009").replace("999 000 0018", "9990000026")
+    response = await _ingest(client, "\n".join([rows[0], rows[1], other]).encode())
+    errors = [issue for issue in response.json()["issue"] if issue["severity"] == "error"]
+    assert [(issue["expression"], issue["diagnostics"]) for issue in errors] == [
+        (["record[1]"], "not stored: ifNoneExist: not a search")
+    ]
+    assert await _count(store, "ServiceRequest") == 1
