@@ -6,8 +6,9 @@ and hold tens of thousands alive for a while (a chunk of mapped records until it
 collection walks every live young object: at 10,000 net allocations one came after every chunk
 ``$ingest`` stored, at 200,000 collections took 85 -> 28 µs of CPU per ingested record (gc.callbacks,
 9,000 records) (https://docs.python.org/3/library/gc.html#gc.set_threshold). ``spfhir map`` keeps
-Python's defaults: with the same thresholds its collections took less CPU on 9,000 records, but the
-300,000-record figure did not improve and its peak memory grew (docs/benchmarks.md, issue #5).
+Python's young thresholds: with these its collections took less CPU on 9,000 records, but the
+300,000-record figure did not improve and its peak memory grew (docs/benchmarks.md, issue #5); it
+only considers full collections less often while it maps (``adapter.mapping.run._FULL_COLLECTIONS``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import orjson
 
@@ -240,13 +240,15 @@ def _put_at(
             node = node.setdefault(step, {})
             continue
         items = node.setdefault(step, [])
-        gap = _grow(items, position) or gap
+        if len(items) <= position:  # most rules put into an item an earlier rule made
+            gap = _grow(items, position) or gap
         node = items[position]
     if index is None:
         _merge(node, name, value)
         return gap
     items = node.setdefault(name, [])
-    gap = _grow(items, index) or gap
+    if len(items) <= index:
+        gap = _grow(items, index) or gap
     if isinstance(value, dict) and isinstance(items[index], dict):
         items[index].update(value)
     else:
@@ -415,14 +417,42 @@ def transaction_entry(mapped: MappedResource) -> dict[str, Any]:
     return {"fullUrl": f"urn:uuid:{id}", "resource": resource, "request": request}
 
 
+#: What the validation of a resource depends on (:func:`_check_key`): its JSON, and for a resource
+#: with references, the keys of the resources of the record it refers to (None: not in the record).
+_CheckKey: TypeAlias = "bytes | tuple[bytes, tuple[_CheckKey | None, ...]]"
+
+
+def _check_key(
+    resource: dict[str, Any],
+    refers: set[str] | None,
+    targets: dict[str, dict[str, Any]],
+    repeated: dict[str, _CheckKey],
+) -> _CheckKey | None:
+    """The key under which ``resource``'s validation is remembered, or None when it is not. A
+    reference is checked against what it resolves to in the record (its type, its profile; a
+    profile discriminator), so a resource with references is the same as an earlier one only when
+    each of its targets is too (``repeated``: the targets found identical to earlier ones); one
+    whose references are not known (``refers`` None) and has a ``urn:uuid:`` reference is not."""
+    if refers:
+        for id in refers:
+            if id not in repeated and f"urn:uuid:{id}" in targets:
+                return None  # a target not met before (the person's Patient): nor is this resource
+        # Each target's key, or None for a reference that resolves to nothing (in any record).
+        below = tuple(repeated.get(id) for id in sorted(refers))
+        return orjson.dumps(resource, option=orjson.OPT_SORT_KEYS, default=str), below
+    key = orjson.dumps(resource, option=orjson.OPT_SORT_KEYS, default=str)
+    return None if b'"urn:uuid:' in key else key
+
+
 class Mapper:
     """Runs one spec on records. ``validator`` checks every resource (R4 and declared profiles)."""
 
     def __init__(self, spec: MappingSpec, validator: Validator) -> None:
         self.spec = spec
         self.validator = validator
-        # Identical resources (the practice of every referral from one surgery) are checked once.
-        self._checked: dict[bytes, str | None] = {}
+        # Identical resources (the practice of every referral from one surgery, the link worker's
+        # role in every case) are checked once: their problem (or None) by :func:`_check_key`.
+        self._checked: dict[_CheckKey, str | None] = {}
         # The field a rule took its value from, by (resource key, path without indexes): a profile
         # issue at that path is reported against that field.
         self._rule_fields: dict[tuple[str | None, str], str | None] = {
@@ -494,9 +524,10 @@ class Mapper:
                 result.unused += mapped.unused
             targets = {f"urn:uuid:{item.resource.get('id')}": item.resource for item in mapped.resources}
             conformance: dict[tuple[int, str], bool] = {}
+            repeated: dict[str, _CheckKey] = {}
             for item in _referenced_first(mapped.resources, references):
                 found = references.get(item.resource["id"]) if references is not None else None
-                self._validate(item, raw.number, targets, conformance, refers=bool(found))
+                self._validate(item, raw.number, targets, conformance, found, repeated)
             result.resources = mapped.resources
         except MappingError as exc:
             if exc.record is None:
@@ -510,16 +541,17 @@ class Mapper:
         number: int,
         targets: dict[str, dict[str, Any]],
         conformance: dict[tuple[int, str], bool],
-        refers: bool = False,
+        refers: set[str] | None,
+        repeated: dict[str, _CheckKey],
     ) -> None:
+        """Validate ``item``, or take the answer for an identical resource checked before.
+        ``refers``: the ids of the resources it refers to (``urn:uuid:``), when known;
+        ``repeated``: the keys of the record's resources found identical to earlier ones, by id
+        (this one is added when it is)."""
         resource = item.resource
-        # What a reference must resolve to (a profile discriminator) may differ between records,
-        # so only resources without references are checked once for all, by their JSON as key
-        # (None: not shared; ``refers``: the resource is known to have a reference).
-        key = None if refers else orjson.dumps(resource, option=orjson.OPT_SORT_KEYS, default=str)
-        if key is not None and b'"urn:uuid:' in key:
-            key = None
+        key = _check_key(resource, refers, targets, repeated)
         if key is not None and key in self._checked:
+            repeated[resource["id"]] = key
             problem = self._checked[key]
             if problem is None and isinstance(self.validator, ProfileValidator):
                 # Valid, as an identical resource of an earlier record was: the references to it

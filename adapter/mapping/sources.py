@@ -421,6 +421,15 @@ def _strptime(text: str, fmt: str) -> datetime | None:
 def _field_values(
     spec: MappingSpec, spec_field: FieldSpec, data: Any, number: int, name: str, defaults: list[str]
 ) -> Any:
+    if data.__class__ is dict and not spec_field.repeats and spec_field.type != "group":
+        # The commonest case, a CSV cell or a JSON string: what the general case below gives for
+        # it, without the lists it makes (a blank one with a default or required is left to it).
+        value = _json_value(data, spec_field.path or spec_field.name)
+        if value.__class__ is str:
+            if value.strip():
+                return _converted(spec, spec_field, value, number, name)
+            if spec_field.default is None and not spec_field.required:
+                return None  # a blank cell of an optional field (the rest of a sparse CSV)
     raws = [
         raw for raw in _raw_values(data, spec_field) if raw is not None and (not isinstance(raw, str) or raw.strip())
     ]
