@@ -12,6 +12,10 @@ from typing import TypeAlias
 Path: TypeAlias = "str | tuple[Path, str]"
 
 _INDEX = tuple(f"[{i}]" for i in range(256))
+# Grown to the longest list met so far (up to _CACHED): the snapshots of the R4 definition Bundles
+# have lists of hundreds of elements, whose segments were otherwise formatted on every walk (#2).
+_longer: tuple[str, ...] = _INDEX
+_CACHED = 65536
 
 
 def index(i: int) -> str:
@@ -20,7 +24,15 @@ def index(i: int) -> str:
 
 def indexes(n: int) -> tuple[str, ...]:
     """The segments ``[0]`` to ``[n-1]`` (at least), to zip with the items of a list."""
-    return _INDEX if n <= 256 else _INDEX + tuple(f"[{i}]" for i in range(256, n))
+    global _longer
+    if n <= 256:
+        return _INDEX
+    if n > len(_longer):
+        more = _longer + tuple(f"[{i}]" for i in range(len(_longer), n))
+        if n > _CACHED:
+            return more
+        _longer = more
+    return _longer
 
 
 def render(path: Path) -> str:

@@ -30,6 +30,7 @@ from adapter.validation.base import Issue
 from adapter.validation.invariants import (
     Runner,
     checks_for,
+    clear_memos,
     elements_for,
     elements_for_primitive,
     runner_for,
@@ -177,8 +178,11 @@ class _Spec:
         self.targets = _target_types(element) if child.type_code == "Reference" else None
         code = child.type_code
         self.low = 1 if code == "positiveInt" else 0 if code == "unsignedInt" else INT32_MIN
-        # Invariants on a primitive element (eld-3) see the value, not an object: no shortcut.
-        self.prim_checks = runner_for(checks_for(elements_for_primitive(element), None)) if primitive else None
+        # Invariants on a primitive element (eld-3) see the value, not an object: no absent-element
+        # shortcut, but a memo per string value (see adapter.validation.invariants).
+        self.prim_checks = (
+            runner_for(checks_for(elements_for_primitive(element), None, primitive=True)) if primitive else None
+        )
         # Of a complex element: its table (the context it holds) and its invariants, on first use.
         self.table: _Table | None = None
         self.checks: Runner | None = None
@@ -309,10 +313,12 @@ class _Walk:
             return
         specs = table.specs
         choices: dict[str, str] | None = None
+        extensions = False  # whether a _name property is present (see Runner.run_plain)
         for key, value in node.items():
             spec = specs.get(key)
             if spec is None:
                 if key[:1] == "_":  # not key[0]: a JSON key may be empty
+                    extensions = True
                     self.primitive_extras(key, value, specs, node, path)
                 elif key == "fhir_comments":
                     # XML comments as JSON, a DSTU2 convention that converters still emit: no data, so
@@ -363,13 +369,17 @@ class _Walk:
                 )
         if table.is_extension:
             self.extended = True
-            has_value = any(key.startswith(("value", "_value")) for key in node)
+            has_value = False
+            for key in node:  # a loop, not any() over a generator: half the time (#2)
+                if key.startswith(("value", "_value")):
+                    has_value = True
+                    break
             if has_value == ("extension" in node):
                 self.error("invariant", "ext-1: Must have either extensions or value[x], not both", path)
         elif len(node) == 1 and "id" in node:
             self.error("invariant", "ele-1: All FHIR elements must have a @value or children", path)
         if checks is not None and self.env is not None:
-            checks.run(node, path, self.env, self.issues)
+            (checks.run if extensions else checks.run_plain)(node, path, self.env, self.issues)
 
     def repeating(self, value: Any, spec: _Spec, path: Path) -> None:
         if value.__class__ is not list:
@@ -551,11 +561,27 @@ def _show(value: Any) -> str:
 
 
 def _resolver(resource: dict[str, Any]) -> Any:
-    """``resolve()`` inside a Bundle (fullUrl or Type/id) or to a contained resource (#id)."""
+    """``resolve()`` inside a Bundle (fullUrl or Type/id) or to a contained resource (#id).
+
+    The index is built on the first call: few invariants resolve anything, and the R4 examples'
+    definition Bundles (``Bundle-dataelements.json``: 6,781 entries) were indexed for none (#2).
+    """
     is_bundle = resource.get("resourceType") == "Bundle"
     contained = resource.get("contained")
     if not is_bundle and not contained:
         return None
+    index: dict[str, Any] | None = None
+
+    def resolve(reference: str) -> Any:
+        nonlocal index
+        if index is None:
+            index = _resolver_index(resource, is_bundle, contained)
+        return index.get(reference)
+
+    return resolve
+
+
+def _resolver_index(resource: dict[str, Any], is_bundle: bool, contained: Any) -> dict[str, Any]:
     index: dict[str, Any] = {}
     entries = resource.get("entry") if is_bundle else None
     for entry in entries if isinstance(entries, list) else ():
@@ -569,7 +595,7 @@ def _resolver(resource: dict[str, Any]) -> Any:
     for item in contained if isinstance(contained, list) else ():
         if isinstance(item, dict) and isinstance(item.get("id"), str):
             index["#" + item["id"]] = item
-    return index.get
+    return index
 
 
 class StructuralValidator:
@@ -588,5 +614,7 @@ class StructuralValidator:
             walk.resource(resource, None, None)
         except RecursionError:
             return [Issue("error", "too-costly", "The resource is nested too deeply to validate", "Resource")], True
+        finally:
+            clear_memos()
         issues = list(dict.fromkeys(walk.issues))
         return issues, walk.extended or any(issue.is_error for issue in issues)
