@@ -160,7 +160,7 @@ async def _store(
     """Store each record (``prepared``: its operations, by :func:`_prepared`) in a transaction of
     its own; the store commits the window's together."""
     groups = [item for item in prepared if not isinstance(item, AdapterError)]
-    stored: list[list[OperationResult] | AdapterError] = []
+    stored: list[list[OperationResult] | AdapterError]
     try:
         stored = await store.transactions(groups) if groups else []
     except AdapterError:
@@ -183,8 +183,8 @@ class _Storing:
     """The records of one request as mapping hands them out: counted into the summary, and stored
     a window at a time (:func:`_store`). A window's operations are made on the event loop while
     the window before is being stored on the store's thread: made after it, they left the store
-    idle for that time (conditions parsed, operations built: about 15% of the server's work in
-    ``$ingest``, docs/benchmarks.md). Windows are still stored one after the other, in order."""
+    idle for that time (its conditions alone take about 35 µs of CPU per record to parse).
+    Windows are still stored one after the other, in order."""
 
     def __init__(self, store: ResourceStore, summary: Summary) -> None:
         self.store = store

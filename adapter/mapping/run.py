@@ -213,10 +213,9 @@ def _start_worker(defaults: dict[str, list[str]] | None, nice: int) -> None:
     _validator = ProfileValidator(bundled_packages(), defaults=defaults)
     # The loaded profiles are millions of long-lived objects: out of the collector's sight, each
     # collection walks only what a chunk allocates.
-    from adapter.memory import freeze_what_is_alive
+    from adapter.memory import settle_for_mapping
 
-    freeze_what_is_alive()
-    _collect_fully_less_often(gc.get_threshold())
+    settle_for_mapping()
 
 
 def _map_chunk(name: str, raws: list[PlainRaw]) -> bytes:
@@ -354,8 +353,8 @@ def _mapped(
 
 def _mapped_here(spec: MappingSpec, raws: Iterator[RawRecord], validator: Validator) -> Iterator[MappedRecord]:
     """The mapped records, mapped in this process; after the first ones, the collector set for the
-    rest of the run (see :data:`_FULL_COLLECTIONS`), and set back when the run ends."""
-    from adapter.memory import freeze_what_is_alive
+    rest of the run (:func:`adapter.memory.settle_for_mapping`), and set back when the run ends."""
+    from adapter.memory import settle_for_mapping
 
     mapper = Mapper(spec, validator)
     thresholds = gc.get_threshold()
@@ -365,31 +364,15 @@ def _mapped_here(spec: MappingSpec, raws: Iterator[RawRecord], validator: Valida
                 # What mapping and validating loaded (profiles, types, compiled FHIRPath) out of
                 # the collector's way: a process-wide setting, as the worker processes make at
                 # start (_start_worker).
-                freeze_what_is_alive()
-                _collect_fully_less_often(thresholds)
+                settle_for_mapping()
             yield mapper.map(raw)
     finally:
         gc.set_threshold(*thresholds)
 
 
-#: Records mapped in this process before :func:`adapter.memory.freeze_what_is_alive`: by then the
+#: Records mapped in this process before :func:`adapter.memory.settle_for_mapping`: by then the
 #: mapping has loaded what its records need.
 _WARMED_UP = 100
-
-#: Collections of generation 1 before a full one is considered (Python's default: 10), while a
-#: process maps (https://docs.python.org/3/library/gc.html#gc.set_threshold). A full collection
-#: walks every object alive that is not frozen: mostly the batch being filled (500 records, some
-#: 75,000 objects, 20-50 ms each). With the default they came every few hundred records, 50
-#: (sp-referral) and 90 (sp-case) µs of CPU per record; with 100, 9.5 and 10 µs, peak memory 183 ->
-#: 188 MB (20,000 records of each; the reference cycles left for them to free are a few hundred
-#: objects each time). In a worker process (chunks of 200 records, and what the first chunk loaded)
-#: 23 and 43 µs per record. Young collections, which free most cycles, are unchanged (#5).
-_FULL_COLLECTIONS = 100
-
-
-def _collect_fully_less_often(thresholds: tuple[int, int, int]) -> None:
-    """``thresholds`` (:func:`gc.get_threshold`) with full collections considered less often."""
-    gc.set_threshold(thresholds[0], thresholds[1], max(thresholds[2], _FULL_COLLECTIONS))
 
 
 class Batches:

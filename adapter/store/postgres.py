@@ -32,9 +32,16 @@ from psycopg_pool import AsyncConnectionPool
 from adapter.errors import InputError
 from adapter.search.query import SearchQuery
 from adapter.store._housekeeping import Housekeeping
-from adapter.store._search_sql import INDEX_INSERT_COLUMNS, KEY_CHARS, index_key, index_schema, text_value_indexes
+from adapter.store._search_sql import (
+    INDEX_INSERT_COLUMNS,
+    INDEX_TABLES,
+    KEY_CHARS,
+    index_key,
+    index_schema,
+    text_value_indexes,
+)
 from adapter.store.base import Resource, SearchResult
-from adapter.store.sql import _INDEX_TABLES, READ_SQL, Rows, SQLStore, Steps, _Batch, run_steps_async
+from adapter.store.sql import READ_SQL, Rows, SQLStore, Steps, _Batch, run_steps_async
 
 __all__ = ["PostgresStore"]
 
@@ -85,7 +92,7 @@ def _upgrade(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
         "SELECT t.table_name FROM information_schema.tables t WHERE t.table_schema = current_schema()"
         " AND t.table_name = ANY(%s) AND NOT EXISTS (SELECT 1 FROM information_schema.columns c"
         " WHERE c.table_schema = t.table_schema AND c.table_name = t.table_name AND c.column_name = 'rid')",
-        (list(_INDEX_TABLES),),
+        (list(INDEX_TABLES),),
     ).fetchall()
     for (table,) in stale:
         conn.execute(f"DROP TABLE {table}")
@@ -111,7 +118,7 @@ def _replace_stale_indexes(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
 #: Versions written between two looks at whether the planner statistics are stale.
 _STATISTICS_CHECK_EVERY = 500
 #: The tables whose statistics the planner uses for the store's statements.
-_ANALYZED_TABLES = ("resources", "history", *_INDEX_TABLES)
+_ANALYZED_TABLES = ("resources", "history", *INDEX_TABLES)
 
 
 class _Statistics:

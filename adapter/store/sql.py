@@ -109,7 +109,6 @@ READ_SQL = "SELECT version, deleted, json FROM resources WHERE type = ? AND id =
 #: How long a saved result set (the target of paging links) is kept.
 SEARCH_LIFETIME = timedelta(hours=1)
 
-_INDEX_TABLES = INDEX_TABLES
 # Ids per IN (...) list: well under SQLite's limit of bound parameters.
 _CHUNK = 500
 
@@ -1031,7 +1030,7 @@ class SQLStore:
         rows = self._execute("SELECT value FROM store_meta WHERE key = 'index_version'")
         if rows and rows[0][0] == INDEX_VERSION:
             return
-        for table in _INDEX_TABLES:
+        for table in INDEX_TABLES:
             self._execute(f"DELETE FROM {table}")
         # Each current version's rid is the key of its history row (before index version 3 there
         # was no rid).

@@ -205,22 +205,14 @@ def _decisive(tree: AST) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _members(tree: AST) -> set[str]:
-    """Every member name the tree navigates, from its node or from anything else."""
+def _named(tree: AST, kind: str) -> set[str]:
+    """The names of every node of ``kind`` in the tree: ``MemberInvocation`` for the members it
+    navigates (from its node or from anything else), ``Functn`` for the functions it calls."""
     found = set()
-    if tree["type"] == "MemberInvocation":
+    if tree["type"] == kind:
         found.add(tree["children"][0]["text"])
     for child in tree.get("children", ()):
-        found |= _members(child)
-    return found
-
-
-def _calls(tree: AST) -> set[str]:
-    found = set()
-    if tree["type"] == "Functn":
-        found.add(tree["children"][0]["text"])
-    for child in tree.get("children", ()):
-        found |= _calls(child)
+        found |= _named(child, kind)
     return found
 
 
@@ -230,16 +222,17 @@ def _pure(expression: str, fn: Any, tree: AST) -> bool:
     return (
         "%" not in text
         and not fn.typed
-        and not _calls(tree) & set(_IMPURE)
+        and not _named(tree, "Functn") & set(_IMPURE)
         and any(mark in expression for mark in _COSTLY)
     )
 
 
-def _memo_names(expression: str, names: frozenset[str] | None, fn: Any, tree: AST) -> frozenset[str] | None:
-    """The member names the result depends on, when it may be memoised on their values."""
-    if names is None or not _pure(expression, fn, tree):
+def _memo_names(names: frozenset[str] | None, pure: bool, tree: AST) -> frozenset[str] | None:
+    """The member names the result depends on, when it may be memoised on their values (``pure``:
+    see :func:`_pure`)."""
+    if names is None or not pure:
         return None
-    members = _members(tree)
+    members = _named(tree, "MemberInvocation")
     if not all(_IDENTIFIER.fullmatch(m) and m[0].islower() for m in members):
         return None  # a delimited identifier, or a type name that stands for the node
     return frozenset(members)
@@ -267,8 +260,8 @@ def _compiled(element: ElementDef) -> Compiled:
                 names = None
         tree = parse_tree(expression)
         decisive = _decisive(tree)
-        memo = _memo_names(expression, names, fn, tree)
         pure = _pure(expression, fn, tree)
+        memo = _memo_names(names, pure, tree)
         out.append(_Facts(key, constraint["severity"], constraint["human"], fn, names, absent, decisive, memo, pure))
     return tuple(out)
 

@@ -531,6 +531,14 @@ async def test_a_record_whose_condition_cannot_be_made_is_refused_alone(
         return operations(record)
 
     monkeypatch.setattr(ingest_module, "_operations", failing)
+    one_by_one: list[Any] = []
+    transaction = store.transaction
+
+    async def alone(operations: Any) -> Any:
+        one_by_one.append(operations)
+        return await transaction(operations)
+
+    monkeypatch.setattr(store, "transaction", alone)
     rows = (CASES / "basic" / "input.csv").read_text().splitlines()
     other = rows[1].replace("REF-0001", "REF-0009").replace("999 000 0018", "9990000026")
     response = await _ingest(client, "\n".join([rows[0], rows[1], other]).encode())
@@ -539,3 +547,6 @@ async def test_a_record_whose_condition_cannot_be_made_is_refused_alone(
         (["record[1]"], "not stored: ifNoneExist: not a search")
     ]
     assert await _count(store, "ServiceRequest") == 1
+    # The other record went with the window, not to a transaction of its own (only the run's
+    # Provenance is written by store.transaction).
+    assert [operations[0].type for operations in one_by_one] == ["Provenance"]
