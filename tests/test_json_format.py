@@ -33,3 +33,33 @@ def test_invalid_json_is_reported_as_json_loads_reports_it(text: str) -> None:
 def test_non_finite_numbers_are_refused() -> None:
     with pytest.raises(ParseError, match="NaN is not allowed"):
         loads(b'{"a": NaN}')
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"a": 1.50, "b": -0.0, "c": 1E-7, "d": 123456789012345678901234567890, "e": -0}',
+        b'{"a": 1, "a": 2.0}',  # the last of a repeated key, as json.loads
+        b'\xef\xbb\xbf{"bom": "one is allowed"}',
+        b'{"lone": "\\ud800", "pair": "\\ud83d\\ude00"}',  # json.loads accepts a lone surrogate
+        '{"text": "caf\u00e9 \u2713"}',
+    ],
+)
+def test_the_quick_parser_gives_what_the_standard_library_gives(data: bytes | str) -> None:
+    """msgspec parses first; what it refuses goes to json.loads (#2). Same values, same decimal text."""
+    from adapter.fhir.json_format import _standard
+
+    def exact(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: exact(v) for k, v in value.items()}
+        return (type(value).__name__, str(value))
+
+    assert exact(loads(data)) == exact(_standard(data))
+    assert exact(loads(data)) == exact(json.loads(data, parse_float=Decimal))
+
+
+def test_nesting_beyond_the_limit_is_too_large_not_a_crash() -> None:
+    from adapter.errors import InputTooLargeError
+
+    with pytest.raises(InputTooLargeError):
+        loads(b"[" * 100_000 + b"]" * 100_000)

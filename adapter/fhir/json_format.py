@@ -2,9 +2,12 @@
 
 See https://hl7.org/fhir/R4/json.html. Decimals are parsed as :class:`decimal.Decimal` so that
 ``0.40`` stays ``0.40`` through parse -> store -> serialise (https://hl7.org/fhir/R4/json.html#primitive
-"decimal values ... SHALL be represented as written"); the standard library's C scanner with
-``parse_float`` is as fast here as orjson's parser, which cannot keep the written form.
-Output uses orjson with :class:`orjson.Fragment` to write each Decimal's text unchanged.
+"decimal values ... SHALL be represented as written"). orjson's parser cannot keep the written
+form; msgspec's can (``float_hook`` gets the number's text) and parses the R4 examples in 0.6 s
+where the standard library's C scanner with ``parse_float`` takes 1.05 s (#2). Whatever msgspec
+refuses goes to the standard library, which decides: its result or its error message, so that
+both are what ``json.loads`` gives. Output uses orjson with :class:`orjson.Fragment` to write each
+Decimal's text unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import orjson
 
 from adapter.errors import InputTooLargeError, ParseError
@@ -30,8 +34,22 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
 
 
+# https://jcristharif.com/msgspec/api.html#msgspec.json.Decoder: float_hook "for handling decoding
+# untyped float literals", called with the literal's text.
+_FAST = msgspec.json.Decoder(float_hook=Decimal)
+
+
 def loads(data: bytes | str) -> Any:
     """Parse FHIR JSON; raise :class:`ParseError` with a readable message when it is not JSON."""
+    try:
+        return _FAST.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        # Not JSON to msgspec, or nested beyond its limit; also a leading byte order mark, and a
+        # lone surrogate escape ("\ud800"), which json.loads accepts.
+        return _standard(data)
+
+
+def _standard(data: bytes | str) -> Any:
     if isinstance(data, bytes):
         if data.startswith(b"\xef\xbb\xbf"):
             data = data[3:]
