@@ -292,6 +292,7 @@ def validate(
     error, 2 when an input cannot be read or a profile or package cannot be found.
     """
     from adapter.fhir import sources
+    from adapter.memory import bulk_collection
     from adapter.reports import Result, json_report, junit_report, quiet_lines, summary_line
 
     validators = _Validators(profile or [], package or [], tx, must_support)
@@ -310,25 +311,26 @@ def validate(
     progress = _progress(len(entries)) if not quiet and len(entries) >= PROGRESS_MIN_FILES else None
     say = _stderr if progress is None else progress.say
     try:
-        for entry in entries:
-            if progress is not None:
-                progress.step(entry.label)
-            for source in sources.read_entry(entry):
-                if source.error is not None:
-                    say(f"error: {source.label}: {source.error}")
-                    results.append(
-                        Result(
-                            source.label,
-                            problem=source.error,
-                            problem_code=source.error_code or "exception",
-                            problem_expression=source.error_expression,
+        with bulk_collection():
+            for entry in entries:
+                if progress is not None:
+                    progress.step(entry.label)
+                for source in sources.read_entry(entry):
+                    if source.error is not None:
+                        say(f"error: {source.label}: {source.error}")
+                        results.append(
+                            Result(
+                                source.label,
+                                problem=source.error,
+                                problem_code=source.error_code or "exception",
+                                problem_expression=source.error_expression,
+                            )
                         )
-                    )
-                    continue
-                result = _check(validators, source)
-                if result.problem is not None:
-                    say(f"error: {result.label}: {result.problem}")
-                results.append(result)
+                        continue
+                    result = _check(validators, source)
+                    if result.problem is not None:
+                        say(f"error: {result.label}: {result.problem}")
+                    results.append(result)
     finally:
         if progress is not None:
             progress.stop()
