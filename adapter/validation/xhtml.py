@@ -141,11 +141,14 @@ def _passes(data: bytes) -> bool:
     Certain only for the plain case: no prefixed element, one namespace declaration (the root's,
     ``xmlns="http://www.w3.org/1999/xhtml"``, so every element is in it), no comment, CDATA
     section (``<!``, left out by the caller) or processing instruction (so everything outside
-    tags is text), no ``xml:id`` (only the tree path checks their values) and nothing that looks
-    like an event attribute."""
+    tags is text), no ``xml:id`` (only the tree path checks their values), nothing that looks
+    like an event attribute, and nothing that looks like a prefixed attribute (``x:y="1"``):
+    without a tree libxml2 reports neither a prefix that is not declared nor a malformed
+    qualified name, which the tree path refuses ("Namespace prefix x for y on td is not
+    defined", "Failed to parse QName 'class:'")."""
     if data.count(b"xml") != 1 and (data.count(b"xmlns") != 1 or b"xml:id" in data):
         return False
-    if _EVENT_BYTES.search(data):
+    if _EVENT_BYTES.search(data) or _PREFIXED_ATTRIBUTE.search(data):
         return False
     names = _START_NAMES.findall(data)
     if not names or names[0] != b"div" or not _ALLOWED_NAMES.issuperset(names):
@@ -211,3 +214,7 @@ _ALLOWED_TAGS = frozenset(f"{{{XHTML}}}{name}" for name in _ALLOWED)
 # are lower case. A match is only a hint: the tree decides.
 _EVENT_TEXT = re.compile(r"on[a-z]*\s*=")
 _EVENT_BYTES = re.compile(rb"on[a-z]*\s*=")
+# A prefixed attribute name and its "=", the name after the colon possibly empty ("class:=", which
+# the tree path refuses as a QName). Text such as "weight:BSA =" matches too: a hint, the tree
+# decides. Starting with ":" lets the regex engine scan at C speed (0.04 s over the 58 MB).
+_PREFIXED_ATTRIBUTE = re.compile(rb":[\w.\-]*\s*=")
