@@ -63,3 +63,22 @@ def test_nesting_beyond_the_limit_is_too_large_not_a_crash() -> None:
 
     with pytest.raises(InputTooLargeError):
         loads(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_a_lone_surrogate_in_a_str_is_parsed_as_json_loads_parses_it() -> None:
+    """msgspec cannot encode it to UTF-8 (UnicodeEncodeError); the standard library takes it."""
+    assert loads('{"a": "x\ud800"}') == {"a": "x\ud800"}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b'{"a": ' + b"1" * 5000 + b"}", "not valid JSON: a number has too many digits"),
+        (b'{"a": 1e999999999999999999999}', "not valid JSON: a number is out of range"),
+    ],
+)
+def test_numbers_beyond_what_python_holds_are_parse_errors_not_crashes(data: bytes, message: str) -> None:
+    """Both escaped loads as ValueError and decimal.InvalidOperation (a 500 from the API)."""
+    with pytest.raises(ParseError) as raised:
+        loads(data)
+    assert raised.value.message == message

@@ -43,9 +43,10 @@ def loads(data: bytes | str) -> Any:
     """Parse FHIR JSON; raise :class:`ParseError` with a readable message when it is not JSON."""
     try:
         return _FAST.decode(data)
-    except (msgspec.DecodeError, RecursionError):
-        # Not JSON to msgspec, or nested beyond its limit; also a leading byte order mark, and a
-        # lone surrogate escape ("\ud800"), which json.loads accepts.
+    except (msgspec.DecodeError, RecursionError, UnicodeEncodeError, ArithmeticError):
+        # Not JSON to msgspec, or nested beyond its limit; also a leading byte order mark, a lone
+        # surrogate escape ("\ud800") or, in a str, a lone surrogate itself, which json.loads
+        # accepts; and a number Decimal cannot hold (1e999999999999999999), refused below.
         return _standard(data)
 
 
@@ -68,6 +69,10 @@ def _standard(data: bytes | str) -> Any:
     except RecursionError as exc:
         # The C scanner counts nesting against the interpreter's recursion limit.
         raise InputTooLargeError("JSON nested too deeply") from exc
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() (4,300) digits
+        raise ParseError("not valid JSON: a number has too many digits") from exc
+    except ArithmeticError as exc:  # decimal.InvalidOperation: an exponent beyond Decimal's range
+        raise ParseError("not valid JSON: a number is out of range") from exc
 
 
 def _default(value: Any) -> Any:
