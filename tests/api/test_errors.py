@@ -170,6 +170,16 @@ async def test_deeply_nested_json_is_refused_and_the_server_keeps_serving(client
     assert await history_total(client) == 0
 
 
+@pytest.mark.parametrize("number", [b"1" * 5000, b"1e999999999999999999999"])
+async def test_a_number_python_cannot_hold_is_a_400_not_a_500(client: httpx.AsyncClient, number: bytes) -> None:
+    """Over 4,300 digits (Python's int limit) or beyond Decimal's exponents: both escaped the
+    parser as ValueError / decimal.InvalidOperation."""
+    body = b'{"resourceType": "Patient", "multipleBirthInteger": ' + number + b"}"
+    [issue] = outcome_issues(await client.post("/fhir/Patient", content=body, headers=JSON_BODY), 400)
+    assert "number" in issue["diagnostics"]
+    assert await history_total(client) == 0
+
+
 async def test_400_when_the_body_type_is_not_the_url_type(client: httpx.AsyncClient) -> None:
     response = await client.post("/fhir/Practitioner", content=json_format.dumps(patient()), headers=JSON_BODY)
     [issue] = outcome_issues(response, 400)
