@@ -839,11 +839,13 @@ def _descendant_objects(coll: Coll, env: Env) -> Coll:
                     if x.__class__ is dict:
                         nxt.append(x)
                 continue
+            # The key is looked at only for an object or a list: most values are primitives.
             for k, value in node.items():
-                into = nxt_holders if k[:1] == "_" else nxt
-                if value.__class__ is dict:
-                    into.append(value)
-                elif value.__class__ is list:
+                cls = value.__class__
+                if cls is dict:
+                    (nxt_holders if k[:1] == "_" else nxt).append(value)
+                elif cls is list:
+                    into = nxt_holders if k[:1] == "_" else nxt
                     for x in value:
                         if x.__class__ is dict:
                             into.append(x)

@@ -143,6 +143,8 @@ class _Generator:
         # Collections already computed, per block: (subtree, focus, $this) -> result (see coll()).
         self.scopes: list[dict[tuple[str, _Coll, _Coll], _Coll]] = [{}]
         self.memos: list[str] = []  # locals that hold a loop-invariant value once computed
+        # Per block, like scopes: (JSON object variable, property) -> the local holding its .get()
+        self.gets: list[dict[tuple[str, str], str]] = [{}]
 
     # -- emitting -------------------------------------------------------------------------
     def emit(self, line: str) -> None:
@@ -154,9 +156,11 @@ class _Generator:
         self.emit(header)
         self.level += 1
         self.scopes.append({})
+        self.gets.append({})
         try:
             yield
         finally:
+            self.gets.pop()
             self.scopes.pop()
             self.level -= 1
 
@@ -301,7 +305,8 @@ class _Generator:
             return self.assign(f"not {items}", "r")
         if name == "hasValue":
             return self.assign(f"_has_value({items})", "r")
-        return self.assign(f"_is_distinct({items})", "r")
+        # A collection of fewer than two items is distinct: no call for the usual single item.
+        return self.assign(f"True if len({items}) < 2 else _is_distinct({items})", "r")
 
     def member_exists(self, name: str, focus: _Coll, this: _Coll) -> str:
         """``_member_exists``: ``name.exists()`` tested on the JSON object."""
@@ -335,26 +340,39 @@ class _Generator:
         focus: _Coll,
         this: _Coll,
         result: str,
-        otherwise: str | None = None,
+        otherwise: Callable[[], None] | None = None,
     ) -> str:
         """A closure's fast path: when the focus is one JSON object, ``cases(item, v)`` emits the
         ``if``/``elif`` branches that set ``result`` from its property ``name`` (in ``v``); in
-        any other case the closure ``fn`` sets it (or ``otherwise``, when the focus is not one
-        JSON object)."""
+        any other case the closure ``fn`` sets it (or the statements ``otherwise()`` emits, when
+        the focus is not one JSON object)."""
         call = f"{result} = {fn}({focus.as_list()}, {this.as_list()}, env)"
         item = self.single_dict(focus)
         if item is None:
             self.emit(call)
             return result
         with self.if_dict(item, focus) as v:
-            self.emit(f"{v} = {item}.get({name!r})")
-            cases(item, v)
+            cases(item, self.get(item, name, v))
             with self.block("else:"):
                 self.emit(call)
         if focus.kind != "dict":
             with self.block("else:"):
-                self.emit(f"{result} = {otherwise}" if otherwise is not None else call)
+                if otherwise is not None:
+                    otherwise()
+                else:
+                    self.emit(call)
         return result
+
+    def get(self, item: str, name: str, v: str) -> str:
+        """A local holding ``item.get(name)``: one set earlier in this block or an enclosing one
+        (eld-2 reads ``max`` four times; evaluation never changes the JSON), else ``v``, set now."""
+        for scope in reversed(self.gets):
+            found = scope.get((item, name))
+            if found is not None:
+                return found
+        self.emit(f"{v} = {item}.get({name!r})")
+        self.gets[-1][(item, name)] = v
+        return v
 
     def single_dict(self, focus: _Coll) -> str | None:
         """The variable for the focus's item when it may be a single JSON object, else None."""
@@ -738,13 +756,7 @@ class _Generator:
         uname, result = "_" + name, self.var("c")
 
         def cases(item: str, v: str) -> None:
-            with self.block(f"if {v}.__class__ is list and {v} and {v}[0].__class__ is dict:"):
-                self.emit(f"{result} = {v}")
-            with self.block(f"elif {v}.__class__ is dict:"):
-                self.emit(f"{result} = [{v}]")
-            with self.block(f"elif {v} is not None and {v}.__class__ is not list:"):
-                e = self.assign(f"{item}.get({uname!r})", "e")
-                self.emit(f"{result} = [{v}] if {e} is None else [Prim({v}, {e})]")
+            self.found_cases(item, v, uname, f"{result} = {{}}", f"{result} = [{{}}]")
             with self.block(f"elif {v} is None and {uname!r} not in {item}:"):
                 keys = fp._choice_keys().get(name)
                 if keys is None:
@@ -754,8 +766,42 @@ class _Generator:
                     choice = f"_nav_choice({item}, {name!r}, {suffixes}, env, False)"
                     self.emit(f"{result} = EMPTY if {k}.isdisjoint({item}) else {choice}")
 
-        otherwise = f"_navigate({coll.as_list()}, {name!r}, env, False)"
-        return _Coll(self.on_property(name, cases, fn, coll, this, result, otherwise))
+        return _Coll(self.on_property(name, cases, fn, coll, this, result, lambda: self.nav_items(name, coll, result)))
+
+    def found_cases(self, item: str, v: str, uname: str, objects: str, one: str) -> None:
+        """The branches of navigation for the property ``v`` of ``item`` when it holds a list of
+        JSON objects (``objects`` formatted with it), an object or a primitive value (``one``
+        formatted with the item, a :class:`Prim` when ``uname`` holds its extensions)."""
+        with self.block(f"if {v}.__class__ is list and {v} and {v}[0].__class__ is dict:"):
+            self.emit(objects.format(v))
+        with self.block(f"elif {v}.__class__ is dict:"):
+            self.emit(one.format(v))
+        with self.block(f"elif {v} is not None and {v}.__class__ is not list:"):
+            e = self.assign(f"{item}.get({uname!r})", "e")
+            self.emit(one.format(f"{v} if {e} is None else Prim({v}, {e})"))
+
+    def nav_items(self, name: str, coll: _Coll, result: str) -> None:
+        """``result = _navigate(coll, name, env, False)`` for a focus that is not one JSON object
+        (``children().element``, ``snapshot.element.type``): a loop whose JSON objects with a
+        list of objects, an object or a primitive under ``name`` are navigated inline, the others
+        as ``_navigate`` does (an item other than a JSON object or a Prim gives nothing)."""
+        if coll.one is not None:  # a single item that is not a JSON object
+            self.emit(f"{result} = _navigate([{coll.one}], {name!r}, env, False)")
+            return
+        uname, x, v = "_" + name, self.var("x"), self.var("v")
+        keys = fp._choice_keys().get(name)
+        self.emit(f"{result} = []")
+        with self.block(f"for {x} in {coll.as_list()}:"):
+            with self.block(f"if {x}.__class__ is dict:"):
+                self.emit(f"{v} = {x}.get({name!r})")
+                self.found_cases(x, v, uname, f"{result} += {{}}", f"{result}.append({{}})")
+                absent = f"{v} is None and {uname!r} not in {x}"
+                if keys is not None:
+                    absent += f" and {self.const(keys)}.isdisjoint({x})"
+                with self.block(f"elif not ({absent}):"):
+                    self.emit(f"{result} += _navigate([{x}], {name!r}, env, False)")
+            with self.block(f"elif {x}.__class__ is Prim:"):
+                self.emit(f"{result} += _navigate([{x}], {name!r}, env, False)")
 
     def path(self, names: list[str], focus: _Coll, this: _Coll) -> _Coll:
         """``_path``: ``a.b.c``, stopping at the first empty step."""
