@@ -107,6 +107,15 @@ def test_invalid_resource_exits_1_with_the_expression(
     assert any(expression in i.get("expression", []) for i in errors), errors
 
 
+def test_a_number_python_cannot_hold_is_one_readable_line_and_exit_2(tmp_path: Path) -> None:
+    """An integer of 5,000 digits escaped the JSON parser as ValueError ("internal error")."""
+    path = tmp_path / "big.json"
+    path.write_text('{"resourceType": "Patient", "multipleBirthInteger": ' + "1" * 5000 + "}")
+    result = run("validate", "--quiet", path)
+    assert result.exit_code == 2
+    assert error_lines(result.stderr) == [f"error: {path}: not valid JSON: a number has too many digits"]
+
+
 def test_missing_file_exits_2_but_other_inputs_are_still_validated(tmp_path: Path) -> None:
     good = write(tmp_path / "good.json", VALID_PATIENT)
     bad = write(tmp_path / "bad.json", BAD_GENDER)
