@@ -26,6 +26,7 @@ __all__ = [
     "collection_paused",
     "freeze_what_is_alive",
     "settle_for_mapping",
+    "thresholds_kept",
 ]
 
 #: gc.set_threshold's arguments for bulk work.
@@ -38,18 +39,26 @@ def collect_for_bulk_work() -> None:
 
 
 @contextmanager
-def bulk_collection() -> Iterator[None]:
-    """:func:`collect_for_bulk_work` while the block runs, the thresholds as they were after: for
-    ``spfhir validate`` over many inputs. Parsed JSON is a tree (no reference cycles, freed by
-    reference counting) and the walk makes none, yet a 35 MB Bundle allocates millions of objects:
-    with Python's thresholds the collector walked them 1,059 + 96 + 8 times over the R4 examples,
-    0.46 s of a 4.0 s pass; with these, not once (gc.callbacks; docs/benchmarks.md, #2)."""
+def thresholds_kept() -> Iterator[None]:
+    """The collector's thresholds set back, when the block ends, to what they were when it began
+    (whatever the block sets: a command that also runs inside test processes)."""
     thresholds = gc.get_threshold()
-    collect_for_bulk_work()
     try:
         yield
     finally:
         gc.set_threshold(*thresholds)
+
+
+@contextmanager
+def bulk_collection() -> Iterator[None]:
+    """:func:`collect_for_bulk_work` while the block runs (:func:`thresholds_kept`): for
+    ``spfhir validate`` over many inputs. Parsed JSON is a tree (no reference cycles, freed by
+    reference counting) and the walk makes none, yet a 35 MB Bundle allocates millions of objects:
+    with Python's thresholds the collector walked them 1,059 + 96 + 8 times over the R4 examples,
+    0.46 s of a 4.0 s pass; with these, not once (gc.callbacks; docs/benchmarks.md, #2)."""
+    with thresholds_kept():
+        collect_for_bulk_work()
+        yield
 
 
 _lock = threading.Lock()

@@ -98,3 +98,16 @@ def test_spfhir_validate_collects_for_bulk_work_and_sets_the_thresholds_back(tmp
     assert result.exit_code == 0, result.output
     assert seen == [memory.BULK_THRESHOLDS]
     assert gc.get_threshold() == before
+
+
+def test_thresholds_kept_sets_them_back_even_when_the_block_fails() -> None:
+    from adapter.memory import thresholds_kept
+
+    before = gc.get_threshold()
+    try:
+        with thresholds_kept():
+            gc.set_threshold(12_345, 7, 3)
+            raise RuntimeError("the block fails")
+    except RuntimeError:
+        pass
+    assert gc.get_threshold() == before

@@ -437,10 +437,10 @@ def _check_key(
         for id in refers:
             if id not in repeated and f"urn:uuid:{id}" in targets:
                 return None  # a target not met before (the person's Patient): nor is this resource
-        # Each target's key, or None for a reference that resolves to nothing (in any record).
-        below = tuple(repeated.get(id) for id in sorted(refers))
-        return orjson.dumps(resource, option=orjson.OPT_SORT_KEYS, default=str), below
     key = orjson.dumps(resource, option=orjson.OPT_SORT_KEYS, default=str)
+    if refers:
+        # Each target's key, or None for a reference that resolves to nothing (in any record).
+        return key, tuple(repeated.get(id) for id in sorted(refers))
     return None if b'"urn:uuid:' in key else key
 
 

@@ -15,7 +15,6 @@ worker loading the profiles once.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import itertools
 import multiprocessing
@@ -354,11 +353,10 @@ def _mapped(
 def _mapped_here(spec: MappingSpec, raws: Iterator[RawRecord], validator: Validator) -> Iterator[MappedRecord]:
     """The mapped records, mapped in this process; after the first ones, the collector set for the
     rest of the run (:func:`adapter.memory.settle_for_mapping`), and set back when the run ends."""
-    from adapter.memory import settle_for_mapping
+    from adapter.memory import settle_for_mapping, thresholds_kept
 
     mapper = Mapper(spec, validator)
-    thresholds = gc.get_threshold()
-    try:
+    with thresholds_kept():
         for number, raw in enumerate(raws):
             if number == _WARMED_UP:
                 # What mapping and validating loaded (profiles, types, compiled FHIRPath) out of
@@ -366,8 +364,6 @@ def _mapped_here(spec: MappingSpec, raws: Iterator[RawRecord], validator: Valida
                 # start (_start_worker).
                 settle_for_mapping()
             yield mapper.map(raw)
-    finally:
-        gc.set_threshold(*thresholds)
 
 
 #: Records mapped in this process before :func:`adapter.memory.settle_for_mapping`: by then the
