@@ -111,6 +111,10 @@ def main() -> int:
         f"{rate:,.0f} files/s, {ours['resources'] / ours['seconds']:,.0f} resources/s, "
         f"peak RSS {peak_rss_mb():.0f} MB (corpus bytes held in memory included)"
     )
+    from adapter.native import compiled_modules
+
+    compiled = ", ".join(compiled_modules()) or "none (plain Python)"
+    print(f"compiled modules (decision 0006; SPFHIR_PURE_PYTHON=1 runs plain Python): {compiled}")
     print(f"files with errors: {len(ours['invalid'])}")
     for name, first in sorted(ours["invalid"].items()):
         print(f"  {name}: {first[:150]}")

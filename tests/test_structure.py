@@ -207,6 +207,16 @@ def test_narrative_must_be_safe_xhtml() -> None:
     assert "script" in found[0].diagnostics
 
 
+@pytest.mark.parametrize("extra", [{"id": 3}, {"id": "a"}, {"extension": [{"url": "http://e", "valueString": "v"}]}])
+def test_narrative_has_no_underscore_part(extra: dict[str, object]) -> None:
+    # "_div": {"id": 3} raised KeyError: xhtml.id was typed System.String, which has no model.
+    patient = copy.deepcopy(PATIENT)
+    patient["text"] = {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">x</div>', "_div": extra}
+    found = errors(patient)
+    assert [(i.expression, i.code) for i in found] == [("Patient.text._div", "structure")]
+    assert "narrative xhtml has no '_' part" in found[0].diagnostics
+
+
 def test_issue_has_operation_outcome_shape() -> None:
     issue = errors(with_change(PATIENT, ["gender"], "mail"))[0]
     fhir = issue.to_fhir()

@@ -95,6 +95,11 @@ def _type_code(type_: dict[str, Any], base_path: str) -> str:
         for ext in type_.get("extension", []):
             if ext["url"] == FHIR_TYPE_EXT:
                 code = ext["valueUrl"]
+        # xhtml.id alone has no such extension; it is an Element.id, a string
+        # (https://hl7.org/fhir/R4/element.html). Left as System.String, a walk of "_div": {"id": ...}
+        # looked for a model of that type and raised KeyError (#2).
+        if code == "http://hl7.org/fhirpath/System.String" and base_path.endswith(".id"):
+            code = "string"
         # Resource.id is of type id (https://hl7.org/fhir/R4/resource.html#id); the snapshot
         # says "string" through the extension, which would let "a b" pass.
         if base_path == "Resource.id":

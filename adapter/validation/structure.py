@@ -44,6 +44,11 @@ __all__ = ["StructuralValidator"]
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 _COMMENTS = "fhir_comments (comments in the pre-R4 JSON form) is not R4 content and is ignored"
 PRIMITIVE, COMPLEX, RESOURCE = 0, 1, 2
+#: Deepest nesting of JSON objects walked. Compiled (decision 0006), the walk's recursion is C
+#: calls that Python's recursion limit does not count, and a dict nested 20,000 deep overflowed
+#: the C stack: this limit stops the walk first, compiled or not, with the same issue. Real
+#: resources nest a few dozen objects deep at most; the XML parser stops at 120 elements.
+MAX_DEPTH = 200
 
 # https://hl7.org/fhir/R4/references.html#literal
 _RESOURCE_TYPE = r"[A-Z][A-Za-z]+"
@@ -263,12 +268,13 @@ def _target_types(element: ElementDef) -> frozenset[str] | None:
 class _Walk:
     """One validation run: collects issues while walking a resource."""
 
-    __slots__ = ("env", "extended", "issues")
+    __slots__ = ("depth", "env", "extended", "issues")
 
     def __init__(self) -> None:
         self.issues: list[Issue] = []
         self.env: Env | None = None
         self.extended = False  # whether an Extension was walked
+        self.depth = 0  # JSON objects being walked, this one included (MAX_DEPTH)
 
     def error(self, code: str, message: str, path: Path) -> None:
         self.issues.append(Issue("error", code, message, render(path)))
@@ -311,6 +317,9 @@ class _Walk:
         if not node:
             self.error("structure", "Empty objects are not allowed in FHIR JSON", path)
             return
+        if self.depth == MAX_DEPTH:
+            raise RecursionError("nested deeper than MAX_DEPTH")  # reported by examine()
+        self.depth += 1
         specs = table.specs
         choices: dict[str, str] | None = None
         extensions = False  # whether a _name property is present (see Runner.run_plain)
@@ -378,6 +387,7 @@ class _Walk:
                 self.error("invariant", "ext-1: Must have either extensions or value[x], not both", path)
         elif len(node) == 1 and "id" in node:
             self.error("invariant", "ele-1: All FHIR elements must have a @value or children", path)
+        self.depth -= 1
         if checks is not None and self.env is not None:
             (checks.run if extensions else checks.run_plain)(node, path, self.env, self.issues)
 
@@ -460,6 +470,10 @@ class _Walk:
         spec = specs.get(name)
         if spec is None or spec.kind != PRIMITIVE:
             self.error("structure", f"Unknown element '{key}'", (parent, "." + key))
+            return
+        if spec.type_code == "xhtml":
+            # The div's id is an attribute inside the xhtml, and xhtml has no extensions (max 0).
+            self.error("structure", f"Unknown element '{key}': narrative xhtml has no '_' part", (parent, "." + key))
             return
         table = _table(model.context_for(spec.type_code))
         path: Path = (parent, spec.segment)
