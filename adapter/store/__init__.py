@@ -1,6 +1,11 @@
 """Storage of FHIR resources with history (the ``ResourceStore`` seam)."""
 
-from adapter.store.base import (
+from adapter.native import prefer_compiled
+
+# Before any submodule is imported: its compiled form when it is built (decision 0006).
+prefer_compiled(__name__, __path__)
+
+from adapter.store.base import (  # noqa: E402
     Conflict,
     Gone,
     HistoryEntry,
@@ -12,7 +17,7 @@ from adapter.store.base import (
     SearchResult,
     VersionConflict,
 )
-from adapter.store.sqlite import SQLiteStore
+from adapter.store.sqlite import SQLiteStore  # noqa: E402
 
 __all__ = [
     "Conflict",
