@@ -1,4 +1,4 @@
-"""Compiled twins of the validator's hottest modules (docs/decisions/0006-compiled-modules.md).
+"""Compiled twins of the hottest modules (docs/decisions/0006-compiled-modules.md).
 
 At install time the build hook (``hatch_build.py``) compiles each module in :data:`COMPILED`
 with Cython, unchanged: the same source, run as C instead of bytecode (an augmenting ``.pxd``
@@ -28,7 +28,7 @@ __all__ = ["COMPILED", "NATIVE", "compiled_modules", "prefer_compiled", "source_
 #:   the R4 examples took 2.85-3.0 s instead of 3.45-3.6 s (#2);
 #: - the mapping engine, profile validation and the run that drives them, and the SQL store's
 #:   write path with its search index values: mapping in one process 1,455-1,470 -> 1,650-1,750
-#:   records/s, ingest 851 -> 943 records/s at 20,000 records of each (#5).
+#:   records/s (12,000 records, alternated), bench.map's ingest 818 -> 885-950 records/s (#5).
 #: fhirpath.py, invariants.py, model.py, query.py and the mapping's sources, helpers and ids
 #: gained nothing measurable on either and are left out.
 COMPILED = (

@@ -8,6 +8,7 @@ the one it was built from.
 
 from __future__ import annotations
 
+import ast
 import copy
 import importlib
 import json
@@ -148,6 +149,57 @@ def test_nesting_beyond_the_limit_is_reported_not_a_crash() -> None:
         ]
     issues = validator.validate(_deep(MAX_DEPTH - 3))  # resource, extension, then the nested ones
     assert not [i for i in issues if i.is_error]
+
+
+_DEEPEST = """
+import threading
+from adapter.errors import InputTooLargeError
+from adapter.fhir.json_format import loads
+from adapter.search.index import index_values
+from adapter.store._common import rewrite_references
+from adapter.validation.bundled import bundled_packages
+from adapter.validation.profiles import ProfileValidator
+
+def text(depth):
+    inner = '{"url":"http://e","valueString":"v"}'
+    for _ in range(depth):
+        inner = '{"url":"http://e","extension":[' + inner + ']}'
+    return '{"resourceType":"Patient","extension":[' + inner + ']}'
+
+depth = 100
+while True:  # the deepest resource the JSON parser accepts
+    try:
+        loads(text(depth + 10).encode())
+    except InputTooLargeError:
+        break
+    depth += 10
+doc = loads(text(depth).encode())
+found = []
+
+def run():  # in a thread, as the store and the API run them
+    found.append(len(index_values(doc).tokens))
+    found.append(rewrite_references(doc, {}) == doc)
+    issues = ProfileValidator(bundled_packages()).validate(doc, ["http://hl7.org/fhir/StructureDefinition/Patient"])
+    found.append(sorted({i.code for i in issues if i.is_error}))
+
+thread = threading.Thread(target=run)
+thread.start()
+thread.join()
+print(depth, found)
+"""
+
+
+def test_the_deepest_json_the_parser_accepts_goes_through_the_compiled_modules() -> None:
+    # The compiled modules recurse as C calls, which Python's recursion limit does not stop; what
+    # they get comes from the parsers, whose nesting limits must come first (a crash would be a
+    # signal, not an exception).
+    out = subprocess.run([sys.executable, "-c", _DEEPEST], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    depth, found = out.stdout.split(" ", 1)
+    assert int(depth) >= 300
+    tokens, unchanged, codes = ast.literal_eval(found.strip())
+    assert isinstance(tokens, int) and unchanged is True
+    assert "too-costly" in codes  # the profile validator's structural step stops at MAX_DEPTH
 
 
 def _package(tmp_path: Path) -> tuple[Path, Path]:
