@@ -37,7 +37,7 @@ def compile_modules(root: Path, out: Path) -> list[Path]:
     modules: tuple[str, ...] = native.COMPILED
     written: list[Path] = []
     with tempfile.TemporaryDirectory() as tmp:
-        sources = {m: root / (m.replace(".", "/") + ".py") for m in modules}
+        sources = {m: native.module_source(m, root) for m in modules}
         extensions = cythonize(
             [Extension(m, [str(source)]) for m, source in sources.items()],
             build_dir=str(Path(tmp) / "c"),
@@ -66,17 +66,23 @@ def compile_modules(root: Path, out: Path) -> list[Path]:
 
 class CompiledModulesHook(BuildHookInterface):  # type: ignore[type-arg]
     PLUGIN_NAME = "custom"
+    #: A wheel's compiled modules until the wheel is written (removed by finalize).
+    _staging: Path | None = None
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         if self.target_name != "wheel":
             return
         root = Path(self.root)
-        if os.environ.get("SPFHIR_PURE_PYTHON"):
-            self.app.display_info("SPFHIR_PURE_PYTHON is set: no compiled modules")
+        pure_python = _native_module(root).PURE_PYTHON
+        if os.environ.get(pure_python):
+            self.app.display_info(f"{pure_python} is set: no compiled modules")
             return
         editable = version == "editable"
-        out = root / "adapter" / "_native" if editable else Path(tempfile.mkdtemp(prefix="spfhir-native-"))
-        shutil.rmtree(out, ignore_errors=True)  # no module of an earlier build outlives its source
+        if editable:
+            out = root / "adapter" / "_native"
+            shutil.rmtree(out, ignore_errors=True)  # no module of an earlier build outlives its source
+        else:
+            out = self._staging = Path(tempfile.mkdtemp(prefix="spfhir-native-"))
         try:
             written = compile_modules(root, out)
         except Exception as exc:  # no compiler, a Cython error: plain Python still works
@@ -88,3 +94,8 @@ class CompiledModulesHook(BuildHookInterface):  # type: ignore[type-arg]
         if not editable:
             for path in written:
                 build_data["force_include"][str(path)] = "adapter/_native/" + path.relative_to(out).as_posix()
+
+    def finalize(self, version: str, build_data: dict[str, Any], artifact_path: str) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None

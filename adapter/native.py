@@ -19,9 +19,19 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
-__all__ = ["COMPILED", "NATIVE", "compiled_modules", "prefer_compiled", "source_digest"]
+__all__ = [
+    "COMPILED",
+    "NATIVE",
+    "PURE_PYTHON",
+    "compiled_modules",
+    "module_source",
+    "prefer_compiled",
+    "source_digest",
+    "source_files",
+]
 
 #: Modules compiled at install time, each kept for a measured gain (docs/benchmarks.md):
 #: - the structural walk, most of a validation pass: with the types of structure.pxd a pass over
@@ -50,12 +60,22 @@ NATIVE = Path(__file__).parent / "_native"
 PURE_PYTHON = "SPFHIR_PURE_PYTHON"
 
 
-def source_digest(source: Path) -> str:
-    """SHA-256 of a module's source and of its ``.pxd`` (which changes what is compiled)."""
-    digest = hashlib.sha256(source.read_bytes())
+def module_source(module: str, root: Path) -> Path:
+    """The ``.py`` file of ``module`` (``adapter.store.sql``) under the project ``root``."""
+    return root.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def source_files(source: Path) -> list[Path]:
+    """What a module is compiled from: its ``.py`` and, when there is one, its ``.pxd``."""
     pxd = source.with_suffix(".pxd")
-    if pxd.exists():
-        digest.update(b"\0pxd\0" + pxd.read_bytes())
+    return [source, pxd] if pxd.exists() else [source]
+
+
+def source_digest(source: Path) -> str:
+    """SHA-256 of :func:`source_files` (a ``.pxd`` changes what is compiled)."""
+    digest = hashlib.sha256()
+    for file in source_files(source):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -83,16 +103,5 @@ def prefer_compiled(
 
 def compiled_modules() -> list[str]:
     """The modules of :data:`COMPILED` that are loaded, and loaded compiled."""
-    loaded = []
-    for module in COMPILED:
-        found = sys.modules.get(module)
-        origin = getattr(found, "__file__", "") or ""
-        if origin.endswith(tuple(_extension_suffixes())):
-            loaded.append(module)
-    return loaded
-
-
-def _extension_suffixes() -> list[str]:
-    from importlib.machinery import EXTENSION_SUFFIXES
-
-    return EXTENSION_SUFFIXES
+    suffixes = tuple(EXTENSION_SUFFIXES)
+    return [m for m in COMPILED if (getattr(sys.modules.get(m), "__file__", None) or "").endswith(suffixes)]
