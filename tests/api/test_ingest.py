@@ -23,7 +23,7 @@ from adapter.mapping.ids import deterministic_id, identity
 from adapter.mapping.run import MappingPool
 from adapter.mapping.sources import RawRecord
 from adapter.search.query import parse_search
-from adapter.store import Conflict, SQLiteStore
+from adapter.store import Conflict, OperationResult, SQLiteStore
 from bench.api import nhs_numbers
 from tests.api.conftest import FHIR_JSON, patient
 
@@ -244,6 +244,8 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     hundred records cross several of each."""
     monkeypatch.setattr(ingest_module, "_CHUNK", 16)
     monkeypatch.setattr(ingest_module, "_WINDOW", 24)
+    monkeypatch.setattr(ingest_module, "_LEAST", 12)
+    monkeypatch.setattr(ingest_module, "_BACKLOG", 48)
     monkeypatch.setattr(ingest_module, "_BATCH", 50)
     monkeypatch.setattr(ingest_module, "_IN_PROCESS_BELOW", 32)
 
@@ -436,40 +438,166 @@ def test_a_late_discard_of_a_broken_pool_leaves_the_new_one_running() -> None:
         pool.close()
 
 
-def test_storing_waits_for_full_windows_until_the_last_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Records are stored a window at a time while more than a window is still to be mapped; after
-    that each chunk is stored as it comes, so the request's tail (storing after the last chunk is
-    mapped, with the worker idle) is one chunk, not up to a window."""
+def _basic_records(start: int, count: int) -> list[Any]:
     from adapter.mapping.base import MappedResource
     from adapter.mapping.engine import MappedRecord
+
+    return [
+        MappedRecord(n, [MappedResource({"resourceType": "Basic", "id": f"b{n}"})]) for n in range(start, start + count)
+    ]
+
+
+class _SlowStore:
+    """A store whose ``transactions`` take ``seconds`` each (its thread at work, the loop free),
+    recording the size of each window and the records it was handed."""
+
+    def __init__(self, seconds: float = 0.0, fail_at: int | None = None) -> None:
+        self.seconds = seconds
+        self.fail_at = fail_at
+        self.windows: list[int] = []
+        self.ids: list[str] = []
+        self.busy = False
+
+    async def transactions(self, groups: list[Any]) -> list[Any]:
+        self.busy = True
+        try:
+            if self.fail_at is not None and len(self.windows) == self.fail_at:
+                raise OSError("disk full")
+            self.windows.append(len(groups))
+            self.ids += [group[0].id for group in groups]
+            await asyncio.sleep(self.seconds)
+            return [[OperationResult("Basic", group[0].id, "1", True, group[0].resource)] for group in groups]
+        finally:
+            self.busy = False
+
+
+def _storing(store: _SlowStore, monkeypatch: pytest.MonkeyPatch, window: int = 8, least: int = 4) -> Any:
     from adapter.mapping.run import Summary
 
-    monkeypatch.setattr(ingest_module, "_WINDOW", 8)
-    windows: list[int] = []
+    monkeypatch.setattr(ingest_module, "_WINDOW", window)
+    monkeypatch.setattr(ingest_module, "_LEAST", least)
+    monkeypatch.setattr(ingest_module, "_BACKLOG", 2 * window)
+    return ingest_module._Storing(store, Summary("sp-referral", "test"))  # type: ignore[arg-type]
 
-    class Store:
-        async def transactions(self, groups: list[Any]) -> list[Any]:
-            windows.append(len(groups))
-            return [[] for _ in groups]
 
-    storing = ingest_module._Storing(Store(), Summary("sp-referral", "test"))  # type: ignore[arg-type]
-
-    def chunk(start: int) -> list[MappedRecord]:
-        return [
-            MappedRecord(n, [MappedResource({"resourceType": "Basic", "id": f"b{n}"})]) for n in range(start, start + 3)
-        ]
+def test_storing_starts_with_the_first_chunk_then_waits_for_enough_until_the_tail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request's first chunk is stored as soon as it comes (the store does not wait for a
+    window's worth to be mapped); after that the store takes a window once _LEAST records are
+    waiting; once fewer than a window are still to be mapped it takes whatever is waiting, so the
+    request's tail (storing after the last chunk is mapped, with the worker idle) is one chunk."""
+    store = _SlowStore()
+    storing = _storing(store, monkeypatch)
 
     async def run() -> None:
-        # 15 records in chunks of 3: 12, 9, 6, 3 and 0 still to come after each.
-        for start, coming in [(0, 12), (3, 9), (6, 6), (9, 3), (12, 0)]:
-            await storing.take(chunk(start), coming)
+        # 24 records in chunks of 3, each followed by a pause (the worker mapping the next chunk)
+        # in which the store, which takes no time here, writes whatever it is ready to take.
+        for start in range(0, 24, 3):
+            await storing.take(_basic_records(start, 3), 24 - start - 3)
+            await asyncio.sleep(0.01)
         await storing.finish()
 
     asyncio.run(run())
-    # A full window of 8 once 9 records were in (6 still to come is less than a window: the 1 left
-    # over and each later chunk go at once), and nothing left for finish().
-    assert windows == [8, 1, 3, 3]
-    assert storing.records == 15
+    # 3 at once; 3 waiting is under _LEAST (4), 6 is not; from 6 still to come (under a window of
+    # 8) on, each chunk as it comes.
+    assert store.windows == [3, 6, 6, 3, 3, 3]
+    assert store.ids == [f"b{n}" for n in range(24)]
+    assert storing.records == 24
+
+
+def test_mapping_goes_on_while_a_window_is_stored_and_windows_grow_to_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """take() returns while the store writes (the worker gets its next chunks meanwhile); what
+    comes in the meantime is stored next, a window of at most _WINDOW records at a time, in order."""
+    store = _SlowStore(seconds=0.05)
+    storing = _storing(store, monkeypatch)
+    taken_while_busy = 0
+
+    async def run() -> None:
+        nonlocal taken_while_busy
+        for start in range(0, 45, 3):
+            await storing.take(_basic_records(start, 3), 45 - start - 3)
+            taken_while_busy += store.busy
+            await asyncio.sleep(0.01)
+        await storing.finish()
+
+    asyncio.run(run())
+    assert store.windows[0] == 3
+    assert max(store.windows) == 8 and all(size <= 8 for size in store.windows)
+    assert store.ids == [f"b{n}" for n in range(45)]
+    # Most chunks came while a window was being stored, and were taken without waiting for it.
+    assert taken_while_busy >= 10
+    assert storing.records == 45
+
+
+def test_mapping_waits_for_the_store_once_the_backlog_is_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory stays bounded: with _BACKLOG records waiting, take() waits until the store takes some."""
+    release = asyncio.Event()
+
+    class Blocked(_SlowStore):
+        async def transactions(self, groups: list[Any]) -> list[Any]:
+            await release.wait()
+            return await super().transactions(groups)
+
+    store = Blocked()
+    storing = _storing(store, monkeypatch)  # a backlog of 16
+
+    async def run() -> None:
+        await storing.take(_basic_records(0, 3), 100)  # the first window: the store is now blocked
+        await asyncio.sleep(0.01)
+        for start in range(3, 18, 3):  # 15 waiting: under the backlog
+            await asyncio.wait_for(storing.take(_basic_records(start, 3), 100), 1)
+        blocked = asyncio.ensure_future(storing.take(_basic_records(18, 3), 100))  # 18 waiting
+        await asyncio.sleep(0.05)
+        assert not blocked.done()
+        release.set()
+        await asyncio.wait_for(blocked, 1)
+        await storing.finish()
+
+    asyncio.run(run())
+    assert store.ids == [f"b{n}" for n in range(21)]
+
+
+def test_a_store_failure_reaches_the_request_and_nothing_after_it_is_stored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's error (not a refusal of records: the disk, say) ends the request with it; the
+    windows before it count, nothing waiting is written after it."""
+    store = _SlowStore(fail_at=1)
+    storing = _storing(store, monkeypatch)
+
+    async def run() -> None:
+        try:
+            for start in range(0, 24, 3):
+                await storing.take(_basic_records(start, 3), 24 - start - 3)
+                await asyncio.sleep(0.01)
+            await storing.finish()
+        finally:
+            await storing.settle()
+
+    with pytest.raises(OSError, match="disk full"):
+        asyncio.run(run())
+    assert store.windows == [3]
+    assert storing.records == 3
+
+
+def test_settling_a_failed_request_finishes_the_window_being_stored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the way out of a failed request, the window the store has started is finished, not
+    abandoned (its records are counted and go into the Provenance); records still waiting are not
+    stored."""
+    store = _SlowStore(seconds=0.05)
+    storing = _storing(store, monkeypatch)
+
+    async def run() -> None:
+        await storing.take(_basic_records(0, 3), 100)
+        await asyncio.sleep(0.01)  # the store has taken the first chunk
+        await storing.take(_basic_records(3, 6), 100)
+        await storing.settle()
+
+    asyncio.run(run())
+    assert store.windows == [3]
+    assert storing.records == storing.created == 3
+    assert [item.resource["id"] for item in storing.stored] == ["b0", "b1", "b2"]
 
 
 def test_a_window_is_prepared_while_the_one_before_is_stored(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -480,6 +608,7 @@ def test_a_window_is_prepared_while_the_one_before_is_stored(monkeypatch: pytest
     from adapter.mapping.run import Summary
 
     monkeypatch.setattr(ingest_module, "_WINDOW", 2)
+    monkeypatch.setattr(ingest_module, "_LEAST", 2)
     events: list[str] = []
     prepare = ingest_module._prepared
 
