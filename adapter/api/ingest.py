@@ -79,8 +79,9 @@ _BATCH = 1000
 _CHUNK = 64
 #: Chunks in flight per worker process: enough that the worker keeps mapping while a whole window
 #: is stored (_WINDOW / _CHUNK = 4 chunks), or it idles for most of each window: 2 gave 609 records/s
-#: at 3,000 of each, 8 gave 830 (16: 813). The pool is shared: another request's first chunk
-#: waits behind up to 512 records (about half a second of mapping) instead of 128.
+#: at 3,000 of each, 8 gave 830 (16: 813). (Measured while mapping still waited for each window to
+#: be stored, which it no longer does: see :class:`_Storing`.) The pool is shared: another request's
+#: first chunk waits behind up to 512 records (about half a second of mapping) instead of 128.
 _AHEAD = 8
 #: Smaller requests are mapped in this process: with one chunk there is nothing to store while
 #: the worker maps. From two chunks on the worker pays (128 referrals: 265 ms instead of 424 ms).
