@@ -162,12 +162,16 @@ def _prepared(record: MappedRecord) -> list[Operation] | AdapterError:
         return exc
 
 
+#: A record with its operations, or why they cannot be made (:func:`_prepared`).
+_Prepared = tuple[MappedRecord, list[Operation] | AdapterError]
+
+
 async def _store(
-    store: ResourceStore, records: list[MappedRecord], prepared: list[list[Operation] | AdapterError]
+    store: ResourceStore, window: list[_Prepared]
 ) -> list[tuple[MappedRecord, AdapterError | None, list[OperationResult]]]:
-    """Store each record (``prepared``: its operations, by :func:`_prepared`) in a transaction of
-    its own; the store commits the window's together."""
-    groups = [item for item in prepared if not isinstance(item, AdapterError)]
+    """Store each record of ``window`` in a transaction of its own; the store commits the
+    window's together."""
+    groups = [item for _, item in window if not isinstance(item, AdapterError)]
     stored: list[list[OperationResult] | AdapterError]
     try:
         stored = await store.transactions(groups) if groups else []
@@ -181,7 +185,7 @@ async def _store(
                 stored.append(exc)
     outcomes = iter(stored)
     results: list[tuple[MappedRecord, AdapterError | None, list[OperationResult]]] = []
-    for record, item in zip(records, prepared, strict=True):
+    for record, item in window:
         outcome = item if isinstance(item, AdapterError) else next(outcomes)
         results.append((record, outcome, []) if isinstance(outcome, AdapterError) else (record, None, outcome))
     return results
@@ -211,7 +215,7 @@ class _Storing:
         #: stored before keeps that resource's id.
         self.stored: list[MappedResource] = []
         #: Records mapped and not yet taken by the store, with their operations (:func:`_prepared`).
-        self._waiting: list[tuple[MappedRecord, list[Operation] | AdapterError]] = []
+        self._waiting: list[_Prepared] = []
         # Refusals are counted after every record is: the rejections then list the mapping's
         # first, whether records were stored while others were still being mapped or not.
         self._refused: list[tuple[int, str]] = []
@@ -277,7 +281,7 @@ class _Storing:
                 window = self._waiting[:_WINDOW]
                 del self._waiting[:_WINDOW]
                 self._taken.set()
-                self._count(await _store(self.store, [record for record, _ in window], [item for _, item in window]))
+                self._count(await _store(self.store, window))
         finally:
             self._taken.set()
 
